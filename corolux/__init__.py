@@ -1,0 +1,43 @@
+"""corolux: a PyTorch training loop written as a generator.
+
+``Trainer.run()`` yields an ``Event`` at every stage of training; callbacks (classes with
+``on_*`` methods, or ``@coroutine`` generators) run in weight order before each event
+reaches you; ``fit()`` drives the same loop to the end.
+"""
+
+from corolux import callbacks as callbacks
+from corolux import metrics as metrics
+from corolux.callback import Callback as Callback
+from corolux.callback import callback as callback
+from corolux.callback import coroutine as coroutine
+from corolux.context import Context as Context
+from corolux.control import SkipBatch as SkipBatch
+from corolux.control import SkipValidation as SkipValidation
+from corolux.control import StopTraining as StopTraining
+from corolux.events import Event as Event
+from corolux.events import Stage as Stage
+from corolux.events import every as every
+from corolux.history import History as History
+from corolux.trainer import Trainer as Trainer
+from corolux.trainer import fit as fit
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Callback",
+    "Context",
+    "Event",
+    "History",
+    "SkipBatch",
+    "SkipValidation",
+    "Stage",
+    "StopTraining",
+    "Trainer",
+    "__version__",
+    "callback",
+    "callbacks",
+    "coroutine",
+    "every",
+    "fit",
+    "metrics",
+]

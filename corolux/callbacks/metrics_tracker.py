@@ -1,0 +1,100 @@
+"""MetricsTracker: the default callback that turns batches into epoch metrics."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from corolux.callback import Callback
+from corolux.context import Context
+from corolux.data import batch_size_of
+from corolux.metrics import LossTracker, metric_name
+
+__all__ = ["MetricsTracker"]
+
+
+class MetricsTracker(Callback):
+    """Update the loss and metrics at each ``*_batch_end``, compute them at ``*_end`` into
+    ``ctx.metrics`` (``train_loss``, ``valid_acc``, ...) and write the epoch's record into
+    the history at ``on_epoch_end``.
+
+    A default callback (weight -100, see ``corolux.callbacks.DEFAULTS``), so callbacks at
+    the default weight 0 already see this phase's metrics. Skipped batches are not counted.
+    Values are per-sample means (batch values weighted by the batch size).
+    """
+
+    def __init__(
+        self,
+        train_metrics: Sequence[Any] = (),
+        valid_metrics: Sequence[Any] = (),
+    ) -> None:
+        self.train_metrics = [copy.deepcopy(m) for m in train_metrics]
+        self.valid_metrics = [copy.deepcopy(m) for m in valid_metrics]
+        self._losses: dict[str, LossTracker] = {}
+        self._phase_metrics: list[Any] = []
+
+    # -- phases -------------------------------------------------------------------------------
+
+    def _begin(self, ctx: Context, metrics: list[Any]) -> None:
+        self._losses = {}
+        self._phase_metrics = metrics
+        for metric in metrics:
+            if isinstance(metric, torch.nn.Module):  # torchmetrics: its state follows the device
+                metric.to(ctx.device)
+            metric.reset()
+
+    def _batch_end(self, ctx: Context) -> None:
+        if ctx.skipped:
+            return
+        target = ctx.target
+        size = target.shape[0] if type(target) is torch.Tensor and target.ndim else batch_size_of(
+            ctx.input if target is None else target
+        )
+        losses = self._losses
+        if ctx.losses and ctx.training:
+            for name, loss in ctx.losses.items():
+                key = f"loss_{name}"
+                tracker = losses.get(key) or losses.setdefault(key, LossTracker(key))
+                tracker.update(loss, size)
+        elif ctx.loss is not None:
+            tracker = losses.get("loss") or losses.setdefault("loss", LossTracker())
+            tracker.update(ctx.loss, size)
+        for metric in self._phase_metrics:
+            metric.update(ctx.pred, target)
+
+    def _end(self, ctx: Context, phase: str) -> None:
+        for name, tracker in self._losses.items():
+            ctx.metrics[f"{phase}_{name}"] = tracker.compute()
+        for metric in self._phase_metrics:
+            value = metric.compute()
+            if isinstance(value, torch.Tensor):
+                value = value.item()  # sync-ok: once per phase
+            ctx.metrics[f"{phase}_{metric_name(metric)}"] = value
+
+    def on_train_begin(self, ctx: Context) -> None:
+        self._begin(ctx, self.train_metrics)
+
+    def on_train_batch_end(self, ctx: Context) -> None:
+        self._batch_end(ctx)
+
+    def on_train_end(self, ctx: Context) -> None:
+        self._end(ctx, "train")
+
+    def on_valid_begin(self, ctx: Context) -> None:
+        self._begin(ctx, self.valid_metrics)
+
+    def on_valid_batch_end(self, ctx: Context) -> None:
+        self._batch_end(ctx)
+
+    def on_valid_end(self, ctx: Context) -> None:
+        self._end(ctx, "valid")
+
+    def on_epoch_end(self, ctx: Context) -> None:
+        ctx.commit_epoch()
+
+    def __repr__(self) -> str:
+        names = [metric_name(m) for m in self.train_metrics + self.valid_metrics]
+        return f"MetricsTracker(loss, {', '.join(dict.fromkeys(names))})" if names else "MetricsTracker(loss)"

@@ -1,0 +1,225 @@
+"""Context: the live state of one run (``ctx``), its control methods and ``log()``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from corolux.data import default_unpack as _unpack_default
+from corolux.history import History
+
+__all__ = ["Context"]
+
+
+class Context:
+    """The live, mutable state of one run; every event carries it as ``event.ctx``.
+
+    What a callback (or the code iterating ``run()``) assigns to ``input``, ``target``,
+    ``pred`` or ``loss`` is what the step uses next:
+
+    >>> # at on_train_batch_after_loss: no parameter moves for this batch
+    >>> # ctx.loss = ctx.loss * 0
+
+    Control: :meth:`stop_training`, :meth:`skip_batch`, :meth:`skip_validation`,
+    :meth:`emit`. Custom steps use :meth:`backward`, :attr:`accumulating` and
+    :meth:`step_optimizer` to do what the default step does.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: torch.nn.Module,
+        optimizers: Mapping[str, torch.optim.Optimizer],
+        loss_fn: Callable[..., torch.Tensor] | None,
+        device: torch.device,
+        scaler: Any = None,
+        hparams: Mapping[str, Any] | None = None,
+        is_main_process: bool = True,
+        stages: frozenset[str] = frozenset(),
+    ) -> None:
+        self.model = model
+        self.optimizers: dict[str, torch.optim.Optimizer] = dict(optimizers)
+        first = next(iter(self.optimizers.items()), (None, None))
+        self.opt_name: str | None = first[0]
+        self.opt: torch.optim.Optimizer | None = first[1]
+        self.loss_fn = loss_fn
+        self.device = device
+        self.scaler = scaler
+        self.hparams: dict[str, Any] = dict(hparams or {})
+        self.is_main_process = is_main_process
+        self.epoch = 0
+        self.completed_epochs = 0
+        self.min_epochs = 0
+        self.max_epochs = 0
+        self.max_steps: int | None = None
+        self.iter = 0
+        self.num_batches: int | None = None
+        self.step = 0
+        self.training = False
+        self.phase: str | None = None
+        self.stage: str | None = None
+        self.batch: Any = None
+        self.input: Any = None
+        self.target: Any = None
+        self.pred: Any = None
+        self.loss: Any = None
+        #: Per-optimizer losses of this batch, set by the default step with several optimizers.
+        self.losses: dict[str, torch.Tensor] = {}
+        self.skipped = False
+        self.is_last_batch = False
+        self.exception: BaseException | None = None
+        self.stop_reason: str | None = None
+        #: This epoch's computed metrics, ``{"train_loss": ..., "valid_acc": ...}``; the
+        #: record that goes into the history when the epoch ends.
+        self.metrics: dict[str, Any] = {}
+        self.history = History()
+        self.train_data: Any = None
+        self.valid_data: Any = None
+        self.data: Any = None
+        self.callbacks: list[Any] = []
+        #: Gradient accumulation: the optimizer steps every ``accumulate_steps`` batches.
+        self.accumulate_steps = 1
+        #: The predictions of ``predict()``, concatenated, once the run has ended.
+        self.predictions: Any = None
+        #: Builds the autocast context of the forward, or None at full precision.
+        self.autocast: Callable[[], Any] | None = None
+        #: Splits a batch into (input, target).
+        self.unpack: Callable[[Any], tuple[Any, Any]] = _unpack_default
+        self._stages = stages
+        self._check_loss = True
+        self._params: dict[str, list[torch.Tensor]] = {}
+        self._in_batch = False
+        self._skip_validation = False
+        self._grads_pending = False
+        # The driver looks at these after each event: emitted stages and Ctrl-C requests.
+        self._attention = False
+        self._emitted: list[str] = []
+        self._interrupt_pending = False
+        self._interrupted = False
+        self._sigint_count = 0
+
+    # -- control ---------------------------------------------------------------------
+
+    def stop_training(self, reason: str = "stopped") -> None:
+        """End training: the current batch finishes, open scopes end, then ``on_fit_end``.
+
+        ``reason`` is kept in ``ctx.stop_reason`` (``"early_stopping"``, ``"nan"``, ...).
+        """
+        if self.stop_reason is None:
+            self.stop_reason = reason
+
+    def skip_batch(self) -> None:
+        """Skip the rest of this batch's step (no backward or optimizer step after this
+        stage); ``on_*_batch_end`` still fires with ``ctx.skipped`` true and the batch is
+        not counted in the metrics.
+
+        Raises:
+            RuntimeError: outside a batch (valid from ``on_*_batch_begin`` up to the last
+                stage before ``on_*_batch_end``).
+        """
+        if not self._in_batch:
+            raise RuntimeError(
+                f"skip_batch() at {self.stage!r}: there is no batch to skip here; it is valid "
+                "from on_train_batch_begin (or on_valid_batch_begin, on_predict_batch_begin) "
+                "up to the stage before the matching *_batch_end"
+            )
+        self.skipped = True
+
+    def skip_validation(self) -> None:
+        """Do not run this epoch's validation loop (a no-op without validation data or
+        once validation has started)."""
+        self._skip_validation = True
+
+    def emit(self, stage: str) -> None:
+        """Ask for a one-off event (``on_early_stopping`` or a custom stage): its
+        handlers run, and the consumer receives it, right after the current event."""
+        if stage not in self._stages:
+            from corolux._suggest import unknown_stage_message
+
+            raise ValueError(unknown_stage_message(stage, "ctx.emit()", self._stages))
+        self._emitted.append(stage)
+        self._attention = True
+
+    def request_interrupt(self) -> None:
+        """Ask for a graceful stop at the next event, as Ctrl-C does under ``fit()``."""
+        self._interrupt_pending = True
+        self._attention = True
+
+    # -- custom-step helpers -----------------------------------------------------------
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagate ``loss`` as the default step does: scaled by ``1/accumulate_steps``
+        and by the GradScaler when there is one."""
+        if self.accumulate_steps > 1:
+            loss = loss / self.accumulate_steps
+        if self.scaler is not None:
+            loss = self.scaler.scale(loss)
+        if len(self.optimizers) > 1 and self.opt_name in self._params:
+            # Several optimizers: this loss's gradients go to this optimizer's parameters only.
+            loss.backward(inputs=self._params[self.opt_name])
+        else:
+            loss.backward()
+        self._grads_pending = True
+
+    @property
+    def accumulating(self) -> bool:
+        """True when this batch only accumulates gradients and the optimizer does not step."""
+        n = self.accumulate_steps
+        return n > 1 and self.iter % n != 0 and not self.is_last_batch
+
+    def step_optimizer(self, opt: torch.optim.Optimizer | None = None) -> None:
+        """Step ``opt`` (default ``ctx.opt``) through the GradScaler when there is one,
+        then zero its gradients (``set_to_none=True``)."""
+        opt = self.opt if opt is None else opt
+        if opt is None:
+            raise RuntimeError("step_optimizer(): this trainer has no optimizer")
+        if self.scaler is not None:
+            self.scaler.step(opt)
+            self.scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        self._grads_pending = False
+
+    def zero_grad(self) -> None:
+        """Drop the gradients of every optimizer (used when a batch is skipped after backward)."""
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        self._grads_pending = False
+
+    # -- records -----------------------------------------------------------------------
+
+    def log(self, name: str, value: Any) -> None:
+        """Record a custom value in this epoch's history (``history[name]``).
+
+        Tensors are converted to floats when the epoch's record is written.
+        """
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"log(): name must be a non-empty string, got {name!r}")
+        if name == "epoch":
+            raise ValueError("log(): 'epoch' is reserved for the epoch number; pick another name")
+        self.metrics[name] = value
+
+    def commit_epoch(self) -> None:
+        """Write this epoch's metrics into the history (called once per epoch, at its end)."""
+        record = {"epoch": self.epoch}
+        record.update((k, _to_python(v)) for k, v in self.metrics.items())
+        self.metrics = record
+        self.history.append(record)
+
+    def __repr__(self) -> str:
+        return (
+            f"<Context stage={self.stage!r} epoch={self.epoch}/{self.max_epochs} "
+            f"phase={self.phase!r} iter={self.iter} step={self.step}>"
+        )
+
+
+def _to_python(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return float(value.detach())  # sync-ok: once per epoch
+    if isinstance(value, float) and math.isnan(value):
+        return math.nan
+    return value

@@ -1,0 +1,183 @@
+"""User data -> batches: tensor pairs, datasets, fraction splits, unpacking, device moves."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset, random_split
+
+__all__ = ["default_unpack", "resolve_data", "split_validation", "to_device"]
+
+DEFAULT_BATCH_SIZE = 32
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) or type(x).__module__ == "numpy" and hasattr(x, "shape")
+
+
+def _is_tensor_pair(data: Any) -> bool:
+    return isinstance(data, tuple) and len(data) == 2 and all(_is_array(x) for x in data)
+
+
+def _tensor_dataset(data: tuple[Any, Any], name: str) -> TensorDataset:
+    inputs, targets = (torch.as_tensor(x) for x in data)
+    if len(inputs) != len(targets):
+        raise ValueError(
+            f"{name}: inputs and targets must have the same length (first dimension), got "
+            f"{len(inputs)} inputs and {len(targets)} targets"
+        )
+    return TensorDataset(inputs, targets)
+
+
+def resolve_data(
+    data: Any,
+    *,
+    name: str,
+    batch_size: int | None,
+    shuffle: bool,
+    device: torch.device,
+    epochs: int = 1,
+) -> Iterable[Any]:
+    """Turn what the user passed as ``name`` into something that iterates over batches.
+
+    A ``(inputs, targets)`` pair of tensors or arrays, a tensor of inputs alone, or a
+    map-style ``Dataset``, is batched
+    (``batch_size``, default 32; shuffled when ``shuffle``; the last partial batch kept).
+    A DataLoader or any other re-iterable of batches is used as it is.
+    """
+    if _is_tensor_pair(data):
+        data = _tensor_dataset(data, name)
+    elif _is_array(data):  # inputs alone (predict): batches of (input,)
+        data = TensorDataset(torch.as_tensor(data))
+    if isinstance(data, Dataset) and hasattr(data, "__len__"):
+        if len(data) == 0:  # type: ignore[arg-type]
+            raise ValueError(f"{name} is empty (a Dataset of length 0); pass at least one sample")
+        size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        return DataLoader(data, batch_size=size, shuffle=shuffle, pin_memory=device.type == "cuda")
+    if batch_size is not None:
+        raise ValueError(
+            f"batch_size={batch_size!r} was given, but {name} is already batched "
+            f"({type(data).__name__}); set the batch size where you build it, or pass a "
+            "Dataset or an (inputs, targets) pair to have corolux batch it"
+        )
+    if isinstance(data, (str, bytes, Mapping)) or not isinstance(data, Iterable):
+        raise TypeError(
+            f"{name} must be a DataLoader, a Dataset, an (inputs, targets) pair of tensors or "
+            f"an iterable of batches, got {type(data).__name__}: {_short(data)}"
+        )
+    if isinstance(data, Iterator) and epochs > 1:
+        raise TypeError(
+            f"{name} is a one-shot iterator ({type(data).__name__}), which can be read only "
+            f"once, but {epochs} epochs were asked for; pass a list, a Dataset or a DataLoader"
+        )
+    if hasattr(data, "__len__") and len(data) == 0:
+        raise ValueError(f"{name} is empty (no batches); pass at least one batch")
+    return data
+
+
+def split_validation(
+    data: Any, fraction: float, *, seed: int, batch_size: int | None, device: torch.device
+) -> tuple[Any, Any]:
+    """Split ``fraction`` of ``data`` off as validation data (``valid_data=0.2``).
+
+    Tensor pairs and Datasets are split with ``random_split`` seeded by ``seed``; a DataLoader
+    has its dataset split and both loaders rebuilt with its batch size, collate function and
+    workers.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"valid_data as a fraction must be in (0, 1), got {fraction!r}")
+    loader = data if isinstance(data, DataLoader) else None
+    if _is_tensor_pair(data):
+        data = _tensor_dataset(data, "train_data")
+    if loader is not None:
+        data = loader.dataset
+    if not (isinstance(data, Dataset) and hasattr(data, "__len__")):
+        raise TypeError(
+            f"valid_data={fraction!r} splits the training data, which must then be an "
+            f"(inputs, targets) pair, a Dataset or a DataLoader over a Dataset; got "
+            f"{type(data).__name__}. Pass the validation batches as valid_data instead"
+        )
+    n = len(data)  # type: ignore[arg-type]
+    n_valid = round(n * fraction)
+    if n_valid == 0 or n_valid == n:
+        raise ValueError(
+            f"valid_data={fraction!r} of {n} samples leaves an empty split; use a fraction "
+            "that keeps at least one sample on each side"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    train_part, valid_part = random_split(data, [n - n_valid, n_valid], generator=generator)
+    if loader is None:
+        return train_part, valid_part
+    if batch_size is not None:
+        raise ValueError(
+            "batch_size was given with a DataLoader; the split keeps the loader's own batch size"
+        )
+    options = {
+        "batch_size": loader.batch_size,
+        "collate_fn": loader.collate_fn,
+        "num_workers": loader.num_workers,
+        "pin_memory": loader.pin_memory,
+        "drop_last": loader.drop_last,
+        "persistent_workers": loader.persistent_workers,
+    }
+    shuffled = isinstance(loader.sampler, torch.utils.data.RandomSampler)
+    return (
+        DataLoader(train_part, shuffle=shuffled, **options),
+        DataLoader(valid_part, shuffle=False, **options),
+    )
+
+
+def default_unpack(batch: Any) -> tuple[Any, Any]:
+    """Split a batch into ``(input, target)``: a tuple/list of 2 or 1, or a dict with the
+    keys ``"input"`` and ``"target"``."""
+    kind = type(batch)
+    if kind is tuple or kind is list:
+        if len(batch) == 2:
+            return batch[0], batch[1]
+        if len(batch) == 1:
+            return batch[0], None
+    elif isinstance(batch, Mapping) and "input" in batch:
+        return batch["input"], batch.get("target")
+    elif isinstance(batch, (tuple, list)) and len(batch) in (1, 2):
+        return (batch[0], batch[1]) if len(batch) == 2 else (batch[0], None)
+    raise TypeError(
+        f"cannot split a batch of type {kind.__name__} ({_short(batch)}) into (input, target): "
+        "a batch must be a tuple or list of 2 (input, target) or 1 (input,), or a dict with "
+        "the keys 'input' and 'target'. For any other layout pass "
+        "Trainer(unpack=lambda batch: (input, target))"
+    )
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """Move the tensors in ``obj`` (nested tuples, lists, dicts) to ``device``, asynchronously."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, tuple):
+        if hasattr(obj, "_fields"):  # namedtuple
+            return type(obj)(*(to_device(x, device) for x in obj))
+        return tuple(to_device(x, device) for x in obj)
+    if isinstance(obj, list):
+        return [to_device(x, device) for x in obj]
+    if isinstance(obj, Mapping):
+        return type(obj)({k: to_device(v, device) for k, v in obj.items()})  # type: ignore[call-arg]
+    return obj
+
+
+def batch_size_of(obj: Any) -> int:
+    """The number of samples in a target or input (its first dimension)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.shape[0] if obj.ndim else 1
+    if isinstance(obj, (tuple, list)) and obj:
+        return batch_size_of(obj[0])
+    if isinstance(obj, Mapping) and obj:
+        return batch_size_of(next(iter(obj.values())))
+    return 1
+
+
+def _short(obj: Any, limit: int = 60) -> str:
+    text = repr(obj)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

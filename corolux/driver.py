@@ -1,0 +1,383 @@
+"""Running callbacks: each stage's weight-sorted handlers, built once per run; coroutines;
+signals; exception notes; setup and teardown.
+
+The driver wraps the loop generator. For each stage the loop yields it runs the handlers
+that listen to that stage, in ``(weight, position)`` order, then yields the ``Event`` to
+the consumer. Class handlers are sorted once per run; coroutine callbacks are merged in at
+dispatch time, since the stage they wait for changes as they run. A stage nobody listens
+to costs one dict look-up and two attribute writes.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Collection, Generator, Iterable, Mapping, Sequence
+from typing import Any
+
+from corolux._suggest import unknown_stage_message
+from corolux.callback import CoroutineCallback, listened_stages, weight_of
+from corolux.context import Context
+from corolux.control import ControlSignal
+from corolux.events import Event, Filter, Stage
+
+__all__ = ["Driver", "check_callbacks"]
+
+_NEVER = float("inf")
+
+
+def _display(cb: Any) -> str:
+    return cb.name if isinstance(cb, CoroutineCallback) else type(cb).__name__
+
+
+def check_callbacks(callbacks: Sequence[Any], stages: Collection[str]) -> None:
+    """Reject what cannot be a callback, bad weights and unknown ``on_*`` names, before the
+    first event."""
+    for cb in callbacks:
+        if isinstance(cb, type):
+            raise TypeError(
+                f"callbacks: got the class {cb.__name__}; pass an instance: {cb.__name__}(...)"
+            )
+        if getattr(cb, "__corolux_coroutine__", False):
+            raise TypeError(
+                f"callbacks: got the coroutine factory {cb.__name__}; call it to build the "
+                f"callback: {cb.__name__}(...)"
+            )
+        weight = getattr(cb, "weight", 0)
+        if isinstance(weight, Mapping):
+            for stage in weight:
+                if stage not in stages:
+                    raise ValueError(
+                        unknown_stage_message(stage, f"{_display(cb)}.weight", stages)
+                    )
+        weight_of(cb, "on_fit_begin")  # raises TypeError for a non-numeric weight
+        if isinstance(cb, CoroutineCallback):
+            continue
+        names = listened_stages(type(cb))
+        if not names and not any(hasattr(cb, m) for m in ("setup", "teardown")):
+            raise TypeError(
+                f"callbacks: {cb!r} ({type(cb).__name__}) defines no on_<stage> method, setup "
+                "or teardown; subclass corolux.Callback and define e.g. on_epoch_end(self, ctx)"
+            )
+        for name in names:
+            if name not in stages:
+                raise ValueError(
+                    unknown_stage_message(name, f"{type(cb).__name__}.{name}", stages)
+                )
+
+
+class _Coroutine:
+    """A running coroutine callback: its generator and where it waits."""
+
+    __slots__ = ("cb", "gen", "name", "position", "slots")
+
+    def __init__(self, cb: CoroutineCallback, gen: Generator[Any, Event, None], position: int):
+        self.cb = cb
+        self.gen = gen
+        self.name = cb.name
+        self.position = position
+        self.slots: list[_Slot] = []
+
+
+class _Slot:
+    """Everything the driver needs for one stage, found with one dict look-up."""
+
+    __slots__ = ("stage", "event", "fns", "entries", "waiters", "filters", "count", "next_due", "active")
+
+    def __init__(self, stage: str, ctx: Context) -> None:
+        self.stage = stage
+        self.event = Event(stage, ctx)
+        self.fns: tuple[Callable[[Context], Any], ...] = ()
+        self.entries: tuple[tuple[float, int, Callable[[Context], Any]], ...] = ()
+        self.waiters: list[_Coroutine] = []
+        self.filters: list[tuple[int, _Coroutine]] = []
+        self.count = 0
+        self.next_due: float = _NEVER
+        self.active = False
+
+    def refresh(self) -> None:
+        self.next_due = min((due for due, _ in self.filters), default=_NEVER)
+        self.active = bool(self.fns or self.waiters or self.filters)
+
+
+class Driver:
+    """Runs one run's callbacks around its loop generator.
+
+    ``events(make_loop)`` is the generator that ``Trainer.run()`` returns.
+    """
+
+    def __init__(self, ctx: Context, callbacks: Sequence[Any], stages: Collection[str]) -> None:
+        check_callbacks(callbacks, stages)
+        self.ctx = ctx
+        self.stages = frozenset(stages)
+        order = sorted(range(len(callbacks)), key=lambda i: (weight_of(callbacks[i], "on_fit_begin"), i))
+        ctx.callbacks = [callbacks[i] for i in order]
+        self.slots: dict[str, _Slot] = {stage: _Slot(stage, ctx) for stage in stages}
+        for stage in Stage:  # built-in Stage members and their str values find the same slot
+            self.slots[stage] = self.slots[stage.value]
+        entries: dict[str, list[tuple[float, int, Callable[[Context], Any]]]] = {}
+        coroutines: list[tuple[_Coroutine, Any]] = []
+        for position, cb in enumerate(callbacks):
+            if isinstance(cb, CoroutineCallback):
+                gen, first = cb.start()
+                if first is not None:
+                    coroutines.append((_Coroutine(cb, gen, position), first))
+                continue
+            for name in listened_stages(type(cb)):
+                entries.setdefault(name, []).append((weight_of(cb, name), position, getattr(cb, name)))
+        for name, items in entries.items():
+            items.sort(key=lambda e: (e[0], e[1]))
+            slot = self.slots[name]
+            slot.entries = tuple(items)
+            slot.fns = tuple(fn for _, _, fn in items)
+            slot.refresh()
+        self._annotated: BaseException | None = None
+        for co, first in coroutines:
+            self._wait(co, first)
+
+    # -- the run -------------------------------------------------------------------------------
+
+    def events(self, make_loop: Callable[[], Generator[Stage | str, None, None]]) -> Generator[Event, None, None]:
+        """Set up, drive the loop and its callbacks, tear down; yield each Event."""
+        __tracebackhide__ = True
+        ctx = self.ctx
+        slots = self.slots
+        loop = None
+        escaping: BaseException | None = None
+        try:
+            self._call_each("setup")
+            loop = make_loop()
+            for stage in loop:
+                while True:
+                    slot = slots.get(stage)
+                    if slot is None:
+                        raise ValueError(unknown_stage_message(stage, "the step's yields", self.stages))
+                    slot.count += 1
+                    ctx.stage = stage
+                    if slot.active:
+                        self._dispatch(slot)
+                    yield slot.event
+                    if not ctx._attention:
+                        break
+                    yield from self._emitted()
+                    stage = self._interrupt(loop)
+                    if stage is None:
+                        break
+        except Exception as exc:
+            if exc is not self._annotated and ctx.stage is not None:
+                where = f"the {ctx.phase} step" if ctx._in_batch else "the loop"
+                exc.add_note(
+                    f"raised in {where} after {str(ctx.stage)!r} (epoch {ctx.epoch}, batch {ctx.iter})"
+                )
+            ctx.exception = exc
+            slot = slots[Stage.on_exception]
+            ctx.stage = Stage.on_exception
+            if slot.active:
+                try:
+                    self._dispatch(slot)
+                except Exception as nested:
+                    exc.add_note(f"and while handling it, on_exception raised {nested!r}")
+            escaping = exc
+            yield slot.event
+            raise
+        except BaseException as exc:  # KeyboardInterrupt (abort), GeneratorExit (close)
+            escaping = exc
+            raise
+        finally:
+            if loop is not None:
+                loop.close()
+            self._close_coroutines()
+            self._call_each("teardown", escaping)
+
+    def _emitted(self) -> Generator[Event, None, None]:
+        """Deliver the stages that handlers emitted (``ctx.emit``), in order."""
+        ctx = self.ctx
+        while ctx._emitted:
+            stage = ctx._emitted.pop(0)
+            slot = self.slots[stage]
+            slot.count += 1
+            previous, ctx.stage = ctx.stage, stage
+            if slot.active:
+                self._dispatch(slot)
+            yield slot.event
+            ctx.stage = previous
+
+    def _interrupt(self, loop: Generator[Stage | str, None, None]) -> Stage | str | None:
+        """If Ctrl-C asked for a stop, throw it into the loop at this yield; return the
+        next stage (``on_interrupt``), or None."""
+        ctx = self.ctx
+        ctx._attention = False
+        if not ctx._interrupt_pending:
+            return None
+        ctx._interrupt_pending = False
+        try:
+            return loop.throw(KeyboardInterrupt())
+        except StopIteration:
+            return None
+
+    # -- dispatch ------------------------------------------------------------------------------
+
+    def _dispatch(self, slot: _Slot) -> None:
+        __tracebackhide__ = True
+        ctx = self.ctx
+        if not slot.waiters and slot.count < slot.next_due:
+            for fn in slot.fns:
+                try:
+                    fn(ctx)
+                except ControlSignal as signal:
+                    self._apply(signal, fn.__self__, slot.stage)  # type: ignore[attr-defined]
+                except KeyboardInterrupt:
+                    self._keyboard_interrupt()
+                except Exception as exc:
+                    self._annotate(exc, _display(fn.__self__), slot.stage)  # type: ignore[attr-defined]
+                    raise
+            return
+        # Coroutines are due: merge them with the class handlers by (weight, position).
+        due = dict.fromkeys(slot.waiters)
+        if slot.count >= slot.next_due:
+            due.update(dict.fromkeys(co for at, co in slot.filters if at <= slot.count))
+        stage = slot.stage
+        merged: list[tuple[float, int, Any]] = list(slot.entries)
+        merged.extend((weight_of(co.cb, stage), co.position, co) for co in due)
+        merged.sort(key=lambda e: (e[0], e[1]))
+        for _, _, handler in merged:
+            if isinstance(handler, _Coroutine):
+                self._wake(handler, slot)
+                continue
+            try:
+                handler(ctx)
+            except ControlSignal as signal:
+                self._apply(signal, handler.__self__, stage)
+            except KeyboardInterrupt:
+                self._keyboard_interrupt()
+            except Exception as exc:
+                self._annotate(exc, _display(handler.__self__), stage)
+                raise
+
+    def _wake(self, co: _Coroutine, slot: _Slot) -> None:
+        __tracebackhide__ = True
+        self._unwait(co)
+        try:
+            spec = co.gen.send(slot.event)
+        except StopIteration:
+            return
+        except ControlSignal as signal:
+            self._apply(signal, co.cb, slot.stage)
+            warnings.warn(
+                f"coroutine {co.name} raised {type(signal).__name__} at {str(slot.stage)!r}, which "
+                f"ended it; to keep it running, call event.ctx.{_METHOD[type(signal).__name__]}() "
+                "and yield the next stage instead",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return
+        except KeyboardInterrupt:
+            self._keyboard_interrupt()
+            return
+        except Exception as exc:
+            self._annotate(exc, co.name, slot.stage)
+            raise
+        try:
+            self._wait(co, spec)
+        except Exception as exc:
+            co.gen.close()
+            self._annotate(exc, co.name, slot.stage)
+            raise
+
+    def _wait(self, co: _Coroutine, spec: Any) -> None:
+        """Register ``co`` on the stages (or filters) of ``spec``."""
+        items: Iterable[Any]
+        if isinstance(spec, (str, Filter)):
+            items = (spec,)
+        elif isinstance(spec, Collection) and spec:
+            items = spec
+        else:
+            raise TypeError(
+                f"coroutine {co.name} yielded {spec!r}; a coroutine yields the stage it waits "
+                "for: a stage name, a collection of them, or a filter such as "
+                "corolux.every('on_train_batch_end', 100)"
+            )
+        for item in items:
+            name = item.stage if isinstance(item, Filter) else item
+            if not isinstance(item, (str, Filter)) or name not in self.stages:
+                if not isinstance(item, (str, Filter)):
+                    raise TypeError(
+                        f"coroutine {co.name} yielded {item!r} in {spec!r}; expected stage names "
+                        "or filters"
+                    )
+                raise ValueError(unknown_stage_message(name, f"coroutine {co.name}", self.stages))
+            slot = self.slots[name]
+            if isinstance(item, Filter):
+                slot.filters.append((item.next_due(slot.count), co))
+            else:
+                slot.waiters.append(co)
+            co.slots.append(slot)
+            slot.refresh()
+
+    def _unwait(self, co: _Coroutine) -> None:
+        for slot in co.slots:
+            if co in slot.waiters:
+                slot.waiters = [w for w in slot.waiters if w is not co]
+            if slot.filters:
+                slot.filters = [f for f in slot.filters if f[1] is not co]
+            slot.refresh()
+        co.slots = []
+
+    # -- signals and errors ----------------------------------------------------------------
+
+    def _apply(self, signal: ControlSignal, owner: Any, stage: str) -> None:
+        try:
+            signal.apply(self.ctx)
+        except Exception as exc:
+            self._annotate(exc, _display(owner), stage)
+            raise exc from None
+
+    def _keyboard_interrupt(self) -> None:
+        """Ctrl-C inside a handler: a graceful stop via the loop, unless it is a second one."""
+        ctx = self.ctx
+        if ctx._interrupted or ctx._sigint_count >= 2:
+            raise KeyboardInterrupt
+        ctx.request_interrupt()
+
+    def _annotate(self, exc: BaseException, owner: str, stage: str) -> None:
+        if exc is not self._annotated:
+            exc.add_note(f"in {owner}.{stage}")
+            self._annotated = exc
+
+    def _call_each(self, method: str, escaping: BaseException | None = None) -> None:
+        """Call ``setup``/``teardown`` on every callback that has it, in weight order.
+
+        Every teardown runs; the first teardown error is raised after them, or, when an
+        exception is already escaping, noted on it instead.
+        """
+        ctx = self.ctx
+        errors: list[BaseException] = []
+        for cb in ctx.callbacks:
+            fn = getattr(cb, method, None)
+            if fn is None:
+                continue
+            try:
+                fn(ctx)
+            except Exception as exc:
+                exc.add_note(f"in {_display(cb)}.{method}")
+                if method == "setup":
+                    raise
+                errors.append(exc)
+        if errors and escaping is not None:
+            for error in errors:
+                escaping.add_note(f"and during cleanup: {error!r} ({error.__notes__[-1]})")
+        elif errors:
+            raise errors[0]
+
+    def _close_coroutines(self) -> None:
+        seen: set[int] = set()
+        for slot in self.slots.values():
+            for co in [*slot.waiters, *(c for _, c in slot.filters)]:
+                if id(co) not in seen:
+                    seen.add(id(co))
+                    co.gen.close()
+            slot.waiters = []
+            slot.filters = []
+            slot.refresh()
+
+
+_METHOD = {"StopTraining": "stop_training", "SkipBatch": "skip_batch", "SkipValidation": "skip_validation"}

@@ -1,0 +1,124 @@
+"""History: the per-epoch metric records of a run."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+__all__ = ["History"]
+
+
+class History:
+    """Per-epoch metrics, named ``<phase>_<metric>`` (``train_loss``, ``valid_acc``).
+
+    ``history[name]`` is the list of that value per epoch, ``nan`` where the phase did not
+    run that epoch, so every list aligns with ``history["epoch"]``.
+
+    Example:
+        >>> h = History()
+        >>> h.append({"epoch": 1, "train_loss": 0.9})
+        >>> h.append({"epoch": 2, "train_loss": 0.5, "valid_loss": 0.6})
+        >>> h["valid_loss"]
+        [nan, 0.6]
+        >>> h.last("train_loss")
+        0.5
+    """
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+        #: True when the run was stopped by Ctrl-C.
+        self.interrupted: bool = False
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Add one epoch's record (a dict with an ``"epoch"`` key)."""
+        self.records.append(record)
+
+    @property
+    def names(self) -> list[str]:
+        """Every metric name recorded in any epoch, in first-seen order (without ``epoch``)."""
+        seen: dict[str, None] = {}
+        for record in self.records:
+            seen.update(dict.fromkeys(k for k in record if k != "epoch"))
+        return list(seen)
+
+    def __getitem__(self, name: str) -> list[Any]:
+        if name != "epoch" and name not in self.names:
+            raise KeyError(
+                f"no metric {name!r} in the history; recorded: {self.names or 'none yet'}"
+            )
+        return [record.get(name, math.nan) for record in self.records]
+
+    def __contains__(self, name: object) -> bool:
+        return name == "epoch" or name in self.names
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(["epoch", *self.names])
+
+    def last(self, name: str, default: Any = None) -> Any:
+        """The value of ``name`` in the last epoch that recorded it, else ``default``."""
+        for record in reversed(self.records):
+            value = record.get(name)
+            if value is not None and not (isinstance(value, float) and math.isnan(value)):
+                return value
+        return default
+
+    def to_dict(self) -> dict[str, list[Any]]:
+        """``{"epoch": [1, 2, ...], name: [values...]}``."""
+        return {name: self[name] for name in self}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"records": [dict(r) for r in self.records], "interrupted": self.interrupted}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.records = [dict(r) for r in state["records"]]
+        self.interrupted = bool(state.get("interrupted", False))
+
+    def plot(self, path: str | None = None) -> Any:
+        """Plot each metric per epoch, train and valid side by side (needs matplotlib).
+
+        Returns the matplotlib ``Figure``; saves it as a PNG when ``path`` is given.
+        """
+        try:
+            import matplotlib
+
+            if path is not None:
+                matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            raise ImportError(
+                "History.plot() needs matplotlib: pip install 'corolux[plot]'"
+            ) from None
+        metrics: dict[str, list[str]] = {}
+        for name in self.names:
+            phase, _, metric = name.partition("_")
+            key = metric if phase in ("train", "valid") and metric else name
+            metrics.setdefault(key, []).append(name)
+        if not metrics:
+            raise ValueError("History.plot(): nothing recorded yet; run fit() first")
+        fig, axes = plt.subplots(len(metrics), 1, figsize=(6, 2.5 * len(metrics)), squeeze=False)
+        epochs = self["epoch"]
+        for ax, (metric, names) in zip(axes[:, 0], metrics.items(), strict=True):
+            for name in names:
+                ax.plot(epochs, self[name], marker="o", label=name)
+            ax.set_ylabel(metric)
+            ax.legend()
+        axes[-1, 0].set_xlabel("epoch")
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path)
+            plt.close(fig)
+        return fig
+
+    def __repr__(self) -> str:
+        if not self.records:
+            return "History(no epochs)"
+        last = {k: v for k, v in self.records[-1].items() if k != "epoch"}
+        shown = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v!r}" for k, v in last.items()
+        )
+        flag = ", interrupted" if self.interrupted else ""
+        return f"History({len(self.records)} epochs{flag}; last: {shown})"

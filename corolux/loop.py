@@ -1,0 +1,343 @@
+"""The only code that yields stages: default steps, phases, and begin/end symmetry.
+
+Every generator here yields stage names and nothing else; the driver turns them into
+events and runs the callbacks. Control signals are read from ``ctx`` after each yield.
+A consumer's ``close()`` arrives as ``GeneratorExit`` at a yield: nothing here catches it,
+so cleanup runs (``with`` blocks, ``finally``) and nothing more is yielded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Generator, Iterable, Mapping
+from typing import Any
+
+import torch
+
+from corolux.context import Context
+from corolux.events import Stage
+
+__all__ = [
+    "evaluate_loop",
+    "fit_loop",
+    "predict_loop",
+    "predict_step",
+    "train_step",
+    "valid_step",
+]
+
+Step = Callable[[Context], Generator[Stage | str, None, None]]
+Loop = Generator[Stage | str, None, None]
+
+_END = object()
+_Tensor = torch.Tensor
+
+# Local names for the stages the hot path yields (one global lookup instead of two).
+TRAIN_AFTER_PRED = Stage.on_train_batch_after_pred
+TRAIN_AFTER_LOSS = Stage.on_train_batch_after_loss
+TRAIN_BEFORE_BACKWARD = Stage.on_train_batch_before_backward
+TRAIN_BEFORE_STEP = Stage.on_train_batch_before_step
+TRAIN_AFTER_STEP = Stage.on_train_batch_after_step
+VALID_AFTER_PRED = Stage.on_valid_batch_after_pred
+VALID_AFTER_LOSS = Stage.on_valid_batch_after_loss
+PREDICT_AFTER_PRED = Stage.on_predict_batch_after_pred
+
+
+# -- default steps (the reference for custom ones) ------------------------------------------
+
+
+def forward(ctx: Context) -> Any:
+    """Call the model on ``ctx.input``: ``model(x)``, ``model(*x)`` for a tuple or list,
+    ``model(**x)`` for a dict; under autocast when the precision asks for it."""
+    x = ctx.input
+    model = ctx.model
+    autocast = ctx.autocast
+    if autocast is None:
+        if type(x) is _Tensor:
+            return model(x)
+        return _call(model, x)
+    with autocast():
+        return _call(model, x)
+
+
+def _call(model: Callable[..., Any], x: Any) -> Any:
+    if isinstance(x, (tuple, list)):
+        return model(*x)
+    if isinstance(x, Mapping):
+        return model(**x)
+    return model(x)
+
+
+def compute_loss(ctx: Context) -> torch.Tensor:
+    """``loss_fn(pred, target)``, or the loss the output carries (``out.loss``,
+    ``out["loss"]``) when ``loss_fn`` is None."""
+    loss_fn = ctx.loss_fn
+    if loss_fn is None:
+        loss = _carried_loss(ctx.pred)
+    elif ctx.autocast is None:
+        loss = loss_fn(ctx.pred, ctx.target)
+    else:
+        with ctx.autocast():
+            loss = loss_fn(ctx.pred, ctx.target)
+    if ctx._check_loss:
+        _check_scalar(loss)
+        ctx._check_loss = False
+    return loss
+
+
+def _carried_loss(pred: Any) -> Any:
+    loss = getattr(pred, "loss", None)
+    if loss is None and isinstance(pred, Mapping):
+        loss = pred.get("loss")
+    if loss is None:
+        raise ValueError(
+            f"loss_fn is None, so the model output must carry its loss (out.loss or "
+            f"out['loss'], as Hugging Face models do), but it is a {type(pred).__name__} "
+            "without one; pass Trainer(loss_fn=...)"
+        )
+    return loss
+
+
+def _check_scalar(loss: Any) -> None:
+    if not isinstance(loss, _Tensor) or loss.ndim != 0:
+        shape = tuple(loss.shape) if isinstance(loss, _Tensor) else type(loss).__name__
+        raise ValueError(
+            f"the loss must be a scalar tensor, got {shape}; reduce it (e.g. "
+            "reduction='mean' in the loss function, or .mean())"
+        )
+
+
+def train_step(ctx: Context) -> Generator[Stage, None, None]:
+    """The default training step: forward, loss, backward, optimizer step.
+
+    With several optimizers it runs once per optimizer, in dict order, with ``ctx.opt``
+    and ``ctx.opt_name`` set, and records each loss in ``ctx.losses``.
+    """
+    optimizers = ctx.optimizers
+    several = len(optimizers) > 1
+    for name, opt in optimizers.items():
+        ctx.opt_name = name
+        ctx.opt = opt
+        ctx.pred = forward(ctx)
+        yield TRAIN_AFTER_PRED
+        ctx.loss = compute_loss(ctx)
+        yield TRAIN_AFTER_LOSS
+        if several:
+            ctx.losses[name] = ctx.loss.detach()
+        yield TRAIN_BEFORE_BACKWARD
+        ctx.backward(ctx.loss)
+        if not ctx.accumulating:
+            yield TRAIN_BEFORE_STEP
+            ctx.step_optimizer(opt)
+            yield TRAIN_AFTER_STEP
+
+
+def valid_step(ctx: Context) -> Generator[Stage, None, None]:
+    """The default validation step: forward and loss under ``torch.no_grad()``."""
+    with torch.no_grad():
+        ctx.pred = forward(ctx)
+    yield VALID_AFTER_PRED
+    with torch.no_grad():
+        ctx.loss = compute_loss(ctx)
+    yield VALID_AFTER_LOSS
+
+
+def predict_step(ctx: Context) -> Generator[Stage, None, None]:
+    """The default prediction step: forward under ``torch.no_grad()``."""
+    with torch.no_grad():
+        ctx.pred = forward(ctx)
+    yield PREDICT_AFTER_PRED
+
+
+# -- begin/end symmetry ----------------------------------------------------------------------
+
+
+def _graceful_interrupt(ctx: Context) -> bool:
+    """Turn a first Ctrl-C into a stop; False when this one must abort (a second Ctrl-C)."""
+    if ctx._interrupted or ctx._sigint_count >= 2:
+        return False
+    ctx._interrupted = True
+    ctx.history.interrupted = True
+    ctx.stop_training("interrupted")
+    return True
+
+
+def scope(ctx: Context, begin: Stage, end: Stage, body: Iterable[Stage | str]) -> Loop:
+    """Yield ``begin``, the body, then ``end``: every begin gets its end.
+
+    A ``KeyboardInterrupt`` inside becomes a graceful stop (``on_interrupt``, then ``end``);
+    other exceptions and ``GeneratorExit`` pass through without yielding.
+    """
+    try:
+        yield begin
+        yield from body
+    except KeyboardInterrupt:
+        if not _graceful_interrupt(ctx):
+            raise
+        yield Stage.on_interrupt
+    yield end
+
+
+def _batches(
+    ctx: Context,
+    data: Iterable[Any],
+    step: Step,
+    begin: Stage,
+    end: Stage,
+    allowed: Collection[str] | None,
+    outputs: list[Any] | None = None,
+) -> Loop:
+    """Run ``step`` on each batch of ``data``, between ``begin`` and ``end``.
+
+    The batch scope is written out here instead of using :func:`scope`: it runs per batch,
+    and a generator per batch would cost more than the rest of the dispatch. ``allowed``
+    checks a custom step's stages (None for the built-in steps).
+    """
+    unpack = ctx.unpack
+    device = ctx.device
+    move = device.type != "cpu"  # on the CPU a batch is used as it comes
+    iterator = iter(data)
+    batch = next(iterator, _END)
+    if batch is _END:
+        raise ValueError(f"{ctx.phase} data yielded no batches; pass at least one batch")
+    count_steps = begin is Stage.on_train_batch_begin
+    while batch is not _END:
+        if move:
+            batch = _to_device(batch, device)
+        # Look one batch ahead: the step knows the last batch (gradient accumulation), and
+        # on CUDA the next batch's copy overlaps this step.
+        following = next(iterator, _END)
+        ctx.is_last_batch = following is _END
+        ctx.iter += 1
+        ctx.batch = batch
+        ctx.input, ctx.target = unpack(batch)
+        ctx.skipped = False
+        ctx._in_batch = True
+        try:
+            yield begin
+            if not ctx.skipped:
+                stages = step(ctx)
+                for stage in stages:
+                    if allowed is not None and stage not in allowed:
+                        raise _bad_step_stage(stage, begin, allowed)
+                    if count_steps and stage == TRAIN_AFTER_STEP:
+                        ctx.step += 1
+                        if ctx.max_steps is not None and ctx.step >= ctx.max_steps:
+                            ctx.stop_training("max_steps")
+                    yield stage
+                    if ctx.skipped:
+                        stages.close()
+                        break
+        except KeyboardInterrupt:
+            if not _graceful_interrupt(ctx):
+                raise
+            yield Stage.on_interrupt
+        ctx._in_batch = False
+        if ctx.skipped and ctx._grads_pending:
+            ctx.zero_grad()
+        yield end
+        if outputs is not None and not ctx.skipped:
+            outputs.append(ctx.pred)
+        if ctx.stop_reason is not None:
+            break
+        batch = following
+    if outputs:
+        ctx.predictions = concat(outputs)
+
+
+def _bad_step_stage(stage: Any, begin: Stage, allowed: Collection[str]) -> ValueError:
+    from corolux._suggest import did_you_mean
+
+    inner = sorted(allowed)
+    return ValueError(
+        f"the step yielded {stage!r}, which is not a stage a step may yield inside "
+        f"{begin.value.replace('_begin', '')};{did_you_mean(str(stage), inner) or ''} "
+        f"allowed: {', '.join(inner)}"
+    )
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    from corolux.data import to_device
+
+    return to_device(batch, device)
+
+
+# -- phases and runs ---------------------------------------------------------------------------
+
+
+def _phase(
+    ctx: Context, phase: str, data: Iterable[Any], step: Step, allowed: Collection[str] | None
+) -> Loop:
+    """One pass over ``data``: ``on_<phase>_begin``, its batches, ``on_<phase>_end``."""
+    training = phase == "train"
+    ctx.phase = phase
+    ctx.training = training
+    ctx.model.train(training)
+    ctx.data = data
+    ctx.num_batches = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
+    ctx.iter = 0
+    ctx._check_loss = True
+    begin, batch_begin, batch_end, end = _PHASE_STAGES[phase]
+    outputs: list[Any] | None = [] if phase == "predict" else None
+    batches = _batches(ctx, data, step, batch_begin, batch_end, allowed, outputs)
+    yield from scope(ctx, begin, end, batches)
+
+
+_PHASE_STAGES = {
+    phase: tuple(Stage(f"on_{phase}_{part}") for part in ("begin", "batch_begin", "batch_end", "end"))
+    for phase in ("train", "valid", "predict")
+}
+
+
+def _epoch(ctx: Context, train: Step, valid: Step, allowed: dict[str, Collection[str] | None]) -> Loop:
+    ctx.metrics = {}
+    ctx._skip_validation = False
+    yield from _phase(ctx, "train", ctx.train_data, train, allowed["train"])
+    if ctx.valid_data is not None and ctx.stop_reason is None and not ctx._skip_validation:
+        yield from _phase(ctx, "valid", ctx.valid_data, valid, allowed["valid"])
+    if ctx.stop_reason is None:
+        ctx.completed_epochs += 1
+
+
+def _epochs(ctx: Context, train: Step, valid: Step, allowed: dict[str, Collection[str] | None]) -> Loop:
+    for epoch in range(ctx.completed_epochs + 1, ctx.max_epochs + 1):
+        if ctx.stop_reason is not None:
+            return
+        ctx.epoch = epoch
+        yield from scope(ctx, Stage.on_epoch_begin, Stage.on_epoch_end, _epoch(ctx, train, valid, allowed))
+
+
+def fit_loop(
+    ctx: Context, train: Step, valid: Step, allowed: dict[str, Collection[str] | None]
+) -> Loop:
+    """The whole training run: ``on_fit_begin``, the epochs, ``on_fit_end``."""
+    return scope(ctx, Stage.on_fit_begin, Stage.on_fit_end, _epochs(ctx, train, valid, allowed))
+
+
+def evaluate_loop(
+    ctx: Context, data: Iterable[Any], valid: Step, allowed: Collection[str] | None
+) -> Loop:
+    """One validation pass: ``on_valid_begin`` .. ``on_valid_end``."""
+    ctx.metrics = {}
+    return _phase(ctx, "valid", data, valid, allowed)
+
+
+def predict_loop(
+    ctx: Context, data: Iterable[Any], predict: Step, allowed: Collection[str] | None
+) -> Loop:
+    """One prediction pass: ``on_predict_begin`` .. ``on_predict_end``; the outputs are
+    concatenated into ``ctx.predictions`` before ``on_predict_end``."""
+    return _phase(ctx, "predict", data, predict, allowed)
+
+
+def concat(outputs: list[Any]) -> Any:
+    """Concatenate per-batch outputs along the first dimension, leaf by leaf, on the CPU."""
+    first = outputs[0]
+    if isinstance(first, _Tensor):
+        return torch.cat([o if o.ndim else o.reshape(1) for o in outputs]).cpu()
+    if isinstance(first, tuple) and hasattr(first, "_fields"):
+        return type(first)(*(concat([o[i] for o in outputs]) for i in range(len(first))))
+    if isinstance(first, (tuple, list)):
+        return type(first)(concat([o[i] for o in outputs]) for i in range(len(first)))
+    if isinstance(first, Mapping):
+        return {k: concat([o[k] for o in outputs]) for k in first}
+    return list(outputs)

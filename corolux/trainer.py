@@ -1,0 +1,588 @@
+"""Trainer: resolves the device, optimizers and data; ``run``/``fit``/``evaluate``/``predict``.
+
+Every entry point drives the same loop generator (``corolux.loop``) through a ``Driver``:
+``run()`` hands it to you, ``fit()`` consumes it to the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import random
+import signal
+import threading
+import warnings
+import weakref
+from collections import deque
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from corolux import loop
+from corolux._suggest import did_you_mean
+from corolux.callbacks import DEFAULTS, MetricsTracker, ProgressBar
+from corolux.callbacks.progress import attached_to_terminal
+from corolux.context import Context
+from corolux.data import default_unpack, resolve_data, split_validation
+from corolux.distributed import is_main_process
+from corolux.driver import Driver
+from corolux.events import TRAIN_STEP_STAGES, VALID_STEP_STAGES, Event, Stage
+from corolux.history import History
+from corolux.metrics import check_metric, metric_name
+from corolux.precision import autocast_factory, make_scaler
+
+__all__ = ["Trainer", "fit"]
+
+Step = Callable[[Context], Generator[Stage | str, None, None]]
+OptimizerSpec = (
+    torch.optim.Optimizer
+    | Callable[[Iterator[torch.nn.Parameter]], torch.optim.Optimizer]
+    | Mapping[str, Any]
+)
+
+
+class Trainer:
+    """Train, evaluate and predict with a PyTorch model; every run is a generator of events.
+
+    Args:
+        model: the ``nn.Module``; moved to ``device``.
+        loss_fn: ``loss_fn(pred, target) -> scalar``; None when the output carries its loss
+            (``out.loss`` or ``out["loss"]``).
+        optimizer: an Optimizer, a factory ``params -> Optimizer``, or a dict name -> either
+            (a factory in a dict gets the parameters of the submodule of that name).
+        metrics: metrics for both phases; ``train_metrics``/``valid_metrics`` add phase-only ones.
+        device: ``"auto"`` (cuda, else mps, else cpu) or any torch device.
+        precision: ``"32"``, ``"bf16-mixed"`` or ``"16-mixed"`` (autocast + GradScaler).
+        progress: tqdm bars; None shows them in a terminal or notebook.
+        seed: when given, each run seeds torch, ``random`` and NumPy at its start.
+        unpack: ``fn(batch) -> (input, target)`` for batch layouts other than a pair or a
+            dict with ``"input"``/``"target"``.
+        train_step, valid_step, predict_step: generator functions ``step(ctx)`` replacing
+            the default steps (or override the methods of the same name).
+
+    Example:
+        >>> import torch, corolux
+        >>> model = torch.nn.Linear(4, 3)
+        >>> trainer = corolux.Trainer(model, loss_fn=torch.nn.functional.cross_entropy,
+        ...     optimizer=lambda p: torch.optim.SGD(p, lr=0.1), device="cpu", progress=False,
+        ...     metrics=[corolux.metrics.Accuracy()])
+        >>> x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+        >>> history = trainer.fit((x, y), epochs=2, valid_data=0.25)
+        >>> sorted(history.to_dict())
+        ['epoch', 'train_acc', 'train_loss', 'valid_acc', 'valid_loss']
+    """
+
+    #: Custom stages a subclass's steps may yield (names start with ``on_``).
+    stages: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if isinstance(cls.stages, str) or not all(isinstance(s, str) for s in cls.stages):
+            raise TypeError(f"{cls.__name__}.stages must be a tuple of stage names, got {cls.stages!r}")
+        for name in cls.stages:
+            if not name.startswith("on_") or not name.isidentifier():
+                raise ValueError(
+                    f"{cls.__name__}.stages: custom stage names start with 'on_' and are "
+                    f"identifiers, got {name!r}"
+                )
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        loss_fn: Callable[..., torch.Tensor] | None = None,
+        optimizer: OptimizerSpec | None = None,
+        metrics: Sequence[Any] | None = None,
+        train_metrics: Sequence[Any] | None = None,
+        valid_metrics: Sequence[Any] | None = None,
+        device: str | torch.device = "auto",
+        precision: str = "32",
+        progress: bool | None = None,
+        seed: int | None = None,
+        unpack: Callable[[Any], tuple[Any, Any]] | None = None,
+        train_step: Step | None = None,
+        valid_step: Step | None = None,
+        predict_step: Step | None = None,
+        hparams: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable (pred, target) -> loss, got {loss_fn!r}")
+        if unpack is not None and not callable(unpack):
+            raise TypeError(f"unpack must be a function batch -> (input, target), got {unpack!r}")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        if progress not in (None, True, False):
+            raise TypeError(f"progress must be True, False or None (auto), got {progress!r}")
+        self.device = resolve_device(device)
+        self.model = model.to(self.device)
+        self.loss_fn = loss_fn
+        self.optimizers = resolve_optimizers(optimizer, self.model)
+        self.precision = str(precision)
+        self._autocast = autocast_factory(self.precision, self.device)
+        self.scaler = make_scaler(self.precision, self.device)
+        self.metrics = _check_metrics(metrics, "metrics")
+        self.train_metrics = self.metrics + _check_metrics(train_metrics, "train_metrics")
+        self.valid_metrics = self.metrics + _check_metrics(valid_metrics, "valid_metrics")
+        for phase, group in (("train", self.train_metrics), ("valid", self.valid_metrics)):
+            names = [metric_name(m) for m in group]
+            duplicates = sorted({n for n in names if names.count(n) > 1} | ({"loss"} & set(names)))
+            if duplicates:
+                raise ValueError(
+                    f"two {phase} metrics are named {duplicates[0]!r} ('loss' is taken by the "
+                    f"loss); give one another name, e.g. Accuracy(name='top1')"
+                )
+        self.progress = progress
+        self.seed = seed
+        self.unpack = unpack or default_unpack
+        self.hparams = dict(hparams or {})
+        self._steps = {
+            "train": self._resolve_step(train_step, "train_step", loop.train_step),
+            "valid": self._resolve_step(valid_step, "valid_step", loop.valid_step),
+            "predict": self._resolve_step(predict_step, "predict_step", loop.predict_step),
+        }
+        self.all_stages = frozenset(Stage) | frozenset(self.stages)
+        #: The history of the latest fit/run.
+        self.history = History()
+        self._open_run: weakref.ref[Generator[Event, None, None]] | None = None
+
+    # -- overridable steps ---------------------------------------------------------------------
+
+    def train_step(self, ctx: Context) -> Generator[Stage | str, None, None]:
+        """One training batch: a generator yielding the inner stages (override for GANs,
+        several optimizers, accumulation by hand). The default is ``corolux.loop.train_step``."""
+        return loop.train_step(ctx)
+
+    def valid_step(self, ctx: Context) -> Generator[Stage | str, None, None]:
+        """One validation batch; the default is ``corolux.loop.valid_step``."""
+        return loop.valid_step(ctx)
+
+    def predict_step(self, ctx: Context) -> Generator[Stage | str, None, None]:
+        """One prediction batch; the default is ``corolux.loop.predict_step``."""
+        return loop.predict_step(ctx)
+
+    def _resolve_step(self, given: Step | None, method: str, default: Step) -> tuple[Step, bool]:
+        """The step to run and whether it is custom (its yields are then checked)."""
+        if given is not None:
+            if not callable(given):
+                raise TypeError(f"{method} must be a generator function step(ctx), got {given!r}")
+            return given, True
+        if getattr(type(self), method) is getattr(Trainer, method):
+            return default, False
+        return getattr(self, method), True
+
+    def _allowed(self, phase: str) -> frozenset[str] | None:
+        step, custom = self._steps[phase]
+        if not custom:
+            return None
+        inner = {"train": TRAIN_STEP_STAGES, "valid": VALID_STEP_STAGES}.get(
+            phase, frozenset({Stage.on_predict_batch_after_pred})
+        )
+        return frozenset(inner) | frozenset(self.stages)
+
+    # -- runs ----------------------------------------------------------------------------------
+
+    def run(
+        self,
+        train_data: Any,
+        epochs: int | tuple[int, int] = 1,
+        *,
+        valid_data: Any = None,
+        callbacks: Sequence[Any] | None = None,
+        batch_size: int | None = None,
+        max_steps: int | None = None,
+    ) -> Generator[Event, None, None]:
+        """Return the training generator: it yields an ``Event`` at every stage.
+
+        Arguments are checked now, before the first event. Assignments to ``event.ctx``
+        take effect when the loop resumes; ``break`` (or ``close()``) ends the run cleanly.
+
+        Example:
+            >>> for event in trainer.run(data, epochs=3):            # doctest: +SKIP
+            ...     if event.stage == "on_train_batch_after_loss":
+            ...         event.ctx.loss = event.ctx.loss * 0.5
+        """
+        driver, make_loop = self._prepare_fit(
+            train_data, epochs, valid_data, callbacks, batch_size, max_steps
+        )
+        return self._start(driver, make_loop)
+
+    def fit(
+        self,
+        train_data: Any,
+        epochs: int | tuple[int, int] = 1,
+        *,
+        valid_data: Any = None,
+        callbacks: Sequence[Any] | None = None,
+        batch_size: int | None = None,
+        max_steps: int | None = None,
+    ) -> History:
+        """Train to the end and return the ``History``: ``run()`` driven by corolux.
+
+        Ctrl-C stops gracefully (``on_interrupt``, open scopes end, ``on_fit_end``) and
+        returns the history with ``history.interrupted = True``; a second Ctrl-C aborts.
+        """
+        driver, make_loop = self._prepare_fit(
+            train_data, epochs, valid_data, callbacks, batch_size, max_steps
+        )
+        self._drive(driver, make_loop)
+        history = driver.ctx.history
+        if history.interrupted:
+            warnings.warn(
+                f"training interrupted by Ctrl-C in epoch {driver.ctx.epoch}; returning the "
+                f"history of the {len(history)} epoch(s) recorded",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return history
+
+    def run_evaluate(
+        self,
+        data: Any,
+        *,
+        callbacks: Sequence[Any] | None = None,
+        metrics: Sequence[Any] | None = None,
+        batch_size: int | None = None,
+    ) -> Generator[Event, None, None]:
+        """The generator form of :meth:`evaluate`: ``on_valid_*`` events only."""
+        driver, make_loop = self._prepare_evaluate(data, callbacks, metrics, batch_size)
+        return self._start(driver, make_loop)
+
+    def evaluate(
+        self,
+        data: Any,
+        *,
+        callbacks: Sequence[Any] | None = None,
+        metrics: Sequence[Any] | None = None,
+        batch_size: int | None = None,
+    ) -> dict[str, float]:
+        """Run one validation pass; return ``{"loss": ..., "<metric>": ...}`` as floats.
+
+        ``metrics`` replaces the trainer's validation metrics for this call. The model's
+        train/eval mode is restored afterwards.
+        """
+        driver, make_loop = self._prepare_evaluate(data, callbacks, metrics, batch_size)
+        self._drive(driver, make_loop)
+        return {k.removeprefix("valid_"): v for k, v in driver.ctx.metrics.items()}
+
+    def run_predict(
+        self, data: Any, *, callbacks: Sequence[Any] | None = None, batch_size: int | None = None
+    ) -> Generator[Event, None, None]:
+        """The generator form of :meth:`predict`: ``on_predict_*`` events only."""
+        driver, make_loop = self._prepare_predict(data, callbacks, batch_size)
+        return self._start(driver, make_loop)
+
+    def predict(
+        self, data: Any, *, callbacks: Sequence[Any] | None = None, batch_size: int | None = None
+    ) -> Any:
+        """Predict on ``data``: the outputs concatenated along the first dimension, on the
+        CPU (leaf by leaf for tuple or dict outputs). Targets in the batches are ignored."""
+        driver, make_loop = self._prepare_predict(data, callbacks, batch_size)
+        self._drive(driver, make_loop)
+        return driver.ctx.predictions
+
+    # -- preparing a run -----------------------------------------------------------------------
+
+    def _prepare_fit(
+        self,
+        train_data: Any,
+        epochs: int | tuple[int, int],
+        valid_data: Any,
+        callbacks: Sequence[Any] | None,
+        batch_size: int | None,
+        max_steps: int | None,
+    ) -> tuple[Driver, Callable[[], loop.Loop]]:
+        self._check_idle()
+        if not self.optimizers:
+            raise ValueError(
+                "fit() needs an optimizer: Trainer(model, optimizer=lambda params: "
+                "torch.optim.AdamW(params, lr=1e-3), ...)"
+            )
+        min_epochs, max_epochs = resolve_epochs(epochs)
+        if max_steps is not None and (
+            not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1
+        ):
+            raise ValueError(f"max_steps must be an integer >= 1 or None, got {max_steps!r}")
+        if isinstance(valid_data, float):
+            train_data, valid_data = split_validation(
+                train_data,
+                valid_data,
+                seed=0 if self.seed is None else self.seed,
+                batch_size=batch_size,
+                device=self.device,
+            )
+        ctx = self._context()
+        ctx.min_epochs, ctx.max_epochs, ctx.max_steps = min_epochs, max_epochs, max_steps
+        ctx.train_data = resolve_data(
+            train_data, name="train_data", batch_size=batch_size, shuffle=True,
+            device=self.device, epochs=max_epochs,
+        )
+        if valid_data is not None:
+            ctx.valid_data = resolve_data(
+                valid_data, name="valid_data", batch_size=batch_size, shuffle=False,
+                device=self.device, epochs=max_epochs,
+            )
+        defaults = [MetricsTracker(self.train_metrics, self.valid_metrics), ProgressBar()]
+        driver = Driver(ctx, self._callbacks(defaults, callbacks), self.all_stages)
+        self.history = ctx.history
+        train, valid = self._steps["train"][0], self._steps["valid"][0]
+        allowed = {"train": self._allowed("train"), "valid": self._allowed("valid")}
+        return driver, lambda: loop.fit_loop(ctx, train, valid, allowed)
+
+    def _prepare_evaluate(
+        self, data: Any, callbacks: Sequence[Any] | None, metrics: Sequence[Any] | None, batch_size: int | None
+    ) -> tuple[Driver, Callable[[], loop.Loop]]:
+        self._check_idle()
+        ctx = self._context()
+        ctx.valid_data = resolve_data(
+            data, name="data", batch_size=batch_size, shuffle=False, device=self.device
+        )
+        valid_metrics = self.valid_metrics if metrics is None else _check_metrics(metrics, "metrics")
+        defaults = [MetricsTracker((), valid_metrics), ProgressBar()]
+        driver = Driver(ctx, self._callbacks(defaults, callbacks), self.all_stages)
+        step, allowed = self._steps["valid"][0], self._allowed("valid")
+        return driver, lambda: loop.evaluate_loop(ctx, ctx.valid_data, step, allowed)
+
+    def _prepare_predict(
+        self, data: Any, callbacks: Sequence[Any] | None, batch_size: int | None
+    ) -> tuple[Driver, Callable[[], loop.Loop]]:
+        self._check_idle()
+        ctx = self._context()
+        ctx.data = resolve_data(
+            data, name="data", batch_size=batch_size, shuffle=False, device=self.device
+        )
+        driver = Driver(ctx, self._callbacks([ProgressBar()], callbacks), self.all_stages)
+        step, allowed = self._steps["predict"][0], self._allowed("predict")
+        data = ctx.data
+        return driver, lambda: loop.predict_loop(ctx, data, step, allowed)
+
+    def _context(self) -> Context:
+        if self.seed is not None:
+            seed_everything(self.seed)
+        ctx = Context(
+            model=self.model,
+            optimizers=self.optimizers,
+            loss_fn=self.loss_fn,
+            device=self.device,
+            scaler=self.scaler,
+            hparams=self.hparams,
+            is_main_process=is_main_process(),
+            stages=self.all_stages,
+        )
+        ctx.autocast = self._autocast
+        ctx.unpack = self.unpack
+        if len(self.optimizers) > 1:
+            ctx._params = {
+                name: [p for group in opt.param_groups for p in group["params"] if p.requires_grad]
+                for name, opt in self.optimizers.items()
+            }
+        return ctx
+
+    def _callbacks(self, defaults: list[Any], callbacks: Sequence[Any] | None) -> list[Any]:
+        """The defaults (minus those a user callback of the same class replaces) + user's."""
+        if callbacks is None:
+            callbacks = []
+        elif not isinstance(callbacks, (list, tuple)):
+            raise TypeError(
+                f"callbacks must be a list of callbacks, got {type(callbacks).__name__}; "
+                "wrap a single one: callbacks=[cb]"
+            )
+        user_types = {type(cb) for cb in callbacks}
+        show_progress = attached_to_terminal() if self.progress is None else self.progress
+        kept = [
+            cb for cb in defaults
+            if type(cb) not in user_types and (show_progress or not isinstance(cb, ProgressBar))
+        ]
+        assert all(type(cb) in DEFAULTS for cb in kept)
+        return kept + list(callbacks)
+
+    # -- driving -------------------------------------------------------------------------------
+
+    def _check_idle(self) -> None:
+        gen = self._open_run() if self._open_run is not None else None
+        if gen is not None and gen.gi_frame is not None:
+            raise RuntimeError(
+                "this trainer already has an open run; finish it (iterate to the end) or close "
+                "it (gen.close(), or break out of its for loop) before starting another"
+            )
+
+    def _start(self, driver: Driver, make_loop: Callable[[], loop.Loop]) -> Generator[Event, None, None]:
+        gen = _restoring_mode(driver.ctx, driver.events(make_loop))
+        self._open_run = weakref.ref(gen)
+        return gen
+
+    def _drive(self, driver: Driver, make_loop: Callable[[], loop.Loop]) -> None:
+        gen = self._start(driver, make_loop)
+        with graceful_sigint(driver.ctx):
+            deque(gen, maxlen=0)  # consume at C speed
+
+    def stepper(self, *args: Any, **kwargs: Any) -> Any:
+        """Step through ``run(*args, **kwargs)`` in a REPL: ``corolux.Stepper(self.run(...))``."""
+        from corolux.debug import Stepper
+
+        return Stepper(self.run(*args, **kwargs))
+
+    def __repr__(self) -> str:
+        return (
+            f"Trainer({type(self.model).__name__}, device={str(self.device)!r}, "
+            f"optimizers={list(self.optimizers)}, precision={self.precision!r})"
+        )
+
+
+def _restoring_mode(ctx: Context, events: Generator[Event, None, None]) -> Generator[Event, None, None]:
+    """Yield from ``events`` and restore the model's train/eval mode when the run ends."""
+    training = ctx.model.training
+    try:
+        yield from events
+    finally:
+        ctx.model.train(training)
+
+
+@contextlib.contextmanager
+def graceful_sigint(ctx: Context) -> Iterator[None]:
+    """While inside, a first Ctrl-C asks the loop for a graceful stop at the next event; a
+    second restores the default handler and aborts at once. Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        ctx._sigint_count += 1
+        if ctx._sigint_count >= 2 or ctx._interrupted:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        ctx.request_interrupt()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# -- resolving arguments -----------------------------------------------------------------------
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` -> cuda if available, else mps, else cpu; anything else -> ``torch.device``."""
+    if isinstance(device, str) and device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"device must be 'auto' or a torch device such as 'cpu' or 'cuda:0', got {device!r}"
+        ) from None
+
+
+def resolve_optimizers(spec: OptimizerSpec | None, model: torch.nn.Module) -> dict[str, torch.optim.Optimizer]:
+    """An Optimizer, a factory ``params -> Optimizer`` or a dict of them -> ``{name: Optimizer}``."""
+    if spec is None:
+        return {}
+    if isinstance(spec, Mapping):
+        if not spec:
+            raise ValueError("optimizer={} is empty; give at least one name -> optimizer")
+        return {str(name): _one_optimizer(value, model, name) for name, value in spec.items()}
+    return {"opt": _one_optimizer(spec, model, None)}
+
+
+def _one_optimizer(value: Any, model: torch.nn.Module, name: str | None) -> torch.optim.Optimizer:
+    if isinstance(value, torch.optim.Optimizer):
+        return value
+    where = "optimizer" if name is None else f"optimizer[{name!r}]"
+    if callable(value) and not isinstance(value, type):
+        if name is None:
+            params = model.parameters()
+        else:
+            try:
+                params = model.get_submodule(name).parameters()
+            except AttributeError:
+                children = [n for n, _ in model.named_children()]
+                raise ValueError(
+                    f"{where} is a factory, so it gets the parameters of the submodule "
+                    f"{name!r}, but the model has none;{did_you_mean(name, children) or ''} "
+                    f"submodules: {children}. Name the optimizer after a submodule, or pass "
+                    "an Optimizer built on the parameters you want"
+                ) from None
+        optimizer = value(params)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"{where}: the factory returned {type(optimizer).__name__}, not an Optimizer")
+        return optimizer
+    hint = f" (call it with the parameters: lambda p: {value.__name__}(p, lr=...))" if isinstance(value, type) else ""
+    raise TypeError(
+        f"{where} must be a torch.optim.Optimizer, a factory params -> Optimizer, or a dict of "
+        f"them, got {type(value).__name__}{hint}"
+    )
+
+
+def resolve_epochs(epochs: Any) -> tuple[int, int]:
+    """``n`` -> ``(n, n)``; ``(min, max)`` checked."""
+    def is_int(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if is_int(epochs):
+        if epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {epochs!r}")
+        return epochs, epochs
+    if isinstance(epochs, (tuple, list)) and len(epochs) == 2 and all(map(is_int, epochs)):
+        low, high = epochs
+        if not 0 <= low <= high or high < 1:
+            raise ValueError(f"epochs=(min, max) needs 0 <= min <= max and max >= 1, got {tuple(epochs)!r}")
+        return low, high
+    raise TypeError(f"epochs must be an int or a (min_epochs, max_epochs) pair, got {epochs!r}")
+
+
+def _check_metrics(metrics: Sequence[Any] | None, argument: str) -> list[Any]:
+    if metrics is None:
+        return []
+    if not isinstance(metrics, (list, tuple)):
+        raise TypeError(f"{argument} must be a list of metrics, got {type(metrics).__name__}; wrap it: [metric]")
+    for metric in metrics:
+        check_metric(metric, argument)
+    return list(metrics)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, ``random`` and NumPy (when installed)."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        import numpy as np
+    except ImportError:
+        return
+    np.random.seed(seed % 2**32)
+
+
+_TRAINER_ARGS = frozenset(inspect.signature(Trainer.__init__).parameters) - {"self", "model"}
+
+
+def fit(model: torch.nn.Module, train_data: Any, **kwargs: Any) -> History:
+    """Build a Trainer and fit it in one call; returns the History (the trainer is
+    ``history.trainer``).
+
+    Example:
+        >>> history = corolux.fit(model, (x, y), loss_fn=F.mse_loss,   # doctest: +SKIP
+        ...                       optimizer=lambda p: torch.optim.Adam(p), epochs=5)
+    """
+    trainer_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _TRAINER_ARGS}
+    fit_args = set(inspect.signature(Trainer.fit).parameters) - {"self", "train_data"}
+    unknown = [k for k in kwargs if k not in fit_args]
+    if unknown:
+        known = sorted(_TRAINER_ARGS | fit_args)
+        raise TypeError(
+            f"corolux.fit() got an unexpected argument {unknown[0]!r};"
+            f"{did_you_mean(unknown[0], known) or ''} it takes Trainer's and Trainer.fit's: {', '.join(known)}"
+        )
+    trainer = Trainer(model, **trainer_kwargs)
+    history = trainer.fit(train_data, **kwargs)
+    history.trainer = trainer  # type: ignore[attr-defined]
+    return history
+
+
