@@ -12,7 +12,7 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     >>> did_you_mean("on_train_batch_ned", ["on_train_batch_end", "on_fit_end"])
     " did you mean 'on_train_batch_end'?"
     """
-    close = difflib.get_close_matches(str(name), list(candidates), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(str(name), sorted(map(str, candidates)), n=1, cutoff=0.6)
     return f" did you mean {close[0]!r}?" if close else ""
 
 

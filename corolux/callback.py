@@ -9,7 +9,6 @@ from collections.abc import Callable, Generator, Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from corolux.context import Context
     from corolux.events import Event, StageSpec
 
 __all__ = ["Callback", "CoroutineCallback", "callback", "coroutine", "listened_stages", "weight_of"]
@@ -103,9 +102,7 @@ def callback(
         namespace["__init__"] = initialize
     for key, value in members.items():
         if key.startswith("on_") and not callable(value):
-            raise TypeError(
-                f"callback(): {key}= must be a function (self, ctx) -> None, got {value!r}"
-            )
+            raise TypeError(f"callback(): {key}= must be a function (self, ctx) -> None, got {value!r}")
         namespace[key] = value
     return type(name, (Callback,), namespace)
 
@@ -189,5 +186,3 @@ def coroutine(
     if fn is not None:
         return decorate(fn)
     return decorate
-
-

@@ -22,7 +22,7 @@ class ControlSignal(Exception):  # noqa: N818 - these are signals, not errors
 
 
 class StopTraining(ControlSignal):
-    """Finish the current batch, end every open scope, then ``on_fit_end``. Same as ``ctx.stop_training()``."""
+    """Finish the current batch, end every open scope, then ``on_fit_end``; as ``ctx.stop_training()``."""
 
     def __init__(self, reason: str = "stopped") -> None:
         super().__init__(reason)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset, random_split
 
-__all__ = ["default_unpack", "resolve_data", "split_validation", "to_device"]
+__all__ = ["default_unpack", "length", "resolve_data", "split_validation", "to_device"]
 
 DEFAULT_BATCH_SIZE = 32
 
@@ -74,9 +74,17 @@ def resolve_data(
             f"{name} is a one-shot iterator ({type(data).__name__}), which can be read only "
             f"once, but {epochs} epochs were asked for; pass a list, a Dataset or a DataLoader"
         )
-    if hasattr(data, "__len__") and len(data) == 0:
+    if length(data) == 0:
         raise ValueError(f"{name} is empty (no batches); pass at least one batch")
     return data
+
+
+def length(data: Any) -> int | None:
+    """The number of batches in ``data``, or None when it cannot tell (e.g. an iterable dataset)."""
+    try:
+        return len(data)
+    except TypeError:
+        return None
 
 
 def split_validation(
@@ -116,7 +124,7 @@ def split_validation(
         raise ValueError(
             "batch_size was given with a DataLoader; the split keeps the loader's own batch size"
         )
-    options = {
+    options: dict[str, Any] = {
         "batch_size": loader.batch_size,
         "collate_fn": loader.collate_fn,
         "num_workers": loader.num_workers,

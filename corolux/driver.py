@@ -34,9 +34,7 @@ def check_callbacks(callbacks: Sequence[Any], stages: Collection[str]) -> None:
     first event."""
     for cb in callbacks:
         if isinstance(cb, type):
-            raise TypeError(
-                f"callbacks: got the class {cb.__name__}; pass an instance: {cb.__name__}(...)"
-            )
+            raise TypeError(f"callbacks: got the class {cb.__name__}; pass an instance: {cb.__name__}(...)")
         if getattr(cb, "__corolux_coroutine__", False):
             raise TypeError(
                 f"callbacks: got the coroutine factory {cb.__name__}; call it to build the "
@@ -46,9 +44,7 @@ def check_callbacks(callbacks: Sequence[Any], stages: Collection[str]) -> None:
         if isinstance(weight, Mapping):
             for stage in weight:
                 if stage not in stages:
-                    raise ValueError(
-                        unknown_stage_message(stage, f"{_display(cb)}.weight", stages)
-                    )
+                    raise ValueError(unknown_stage_message(stage, f"{_display(cb)}.weight", stages))
         weight_of(cb, "on_fit_begin")  # raises TypeError for a non-numeric weight
         if isinstance(cb, CoroutineCallback):
             continue
@@ -60,9 +56,7 @@ def check_callbacks(callbacks: Sequence[Any], stages: Collection[str]) -> None:
             )
         for name in names:
             if name not in stages:
-                raise ValueError(
-                    unknown_stage_message(name, f"{type(cb).__name__}.{name}", stages)
-                )
+                raise ValueError(unknown_stage_message(name, f"{type(cb).__name__}.{name}", stages))
 
 
 class _Coroutine:
@@ -81,7 +75,17 @@ class _Coroutine:
 class _Slot:
     """Everything the driver needs for one stage, found with one dict look-up."""
 
-    __slots__ = ("stage", "event", "fns", "entries", "waiters", "filters", "count", "next_due", "active")
+    __slots__ = (
+        "stage",
+        "event",
+        "fns",
+        "entries",
+        "waiters",
+        "filters",
+        "count",
+        "next_due",
+        "active",
+    )
 
     def __init__(self, stage: str, ctx: Context) -> None:
         self.stage = stage
@@ -136,13 +140,16 @@ class Driver:
 
     # -- the run -------------------------------------------------------------------------------
 
-    def events(self, make_loop: Callable[[], Generator[Stage | str, None, None]]) -> Generator[Event, None, None]:
+    def events(
+        self, make_loop: Callable[[], Generator[Stage | str, None, None]]
+    ) -> Generator[Event, None, None]:
         """Set up, drive the loop and its callbacks, tear down; yield each Event."""
         __tracebackhide__ = True
         ctx = self.ctx
         slots = self.slots
         loop = None
         escaping: BaseException | None = None
+        training = ctx.model.training  # the loop switches modes; the run restores this one
         try:
             self._call_each("setup")
             loop = make_loop()
@@ -159,9 +166,10 @@ class Driver:
                     if not ctx._attention:
                         break
                     yield from self._emitted()
-                    stage = self._interrupt(loop)
-                    if stage is None:
+                    thrown = self._interrupt(loop)
+                    if thrown is None:
                         break
+                    stage = thrown
         except Exception as exc:
             if exc is not self._annotated and ctx.stage is not None:
                 where = f"the {ctx.phase} step" if ctx._in_batch else "the loop"
@@ -185,6 +193,7 @@ class Driver:
         finally:
             if loop is not None:
                 loop.close()
+            ctx.model.train(training)
             self._close_coroutines()
             self._call_each("teardown", escaping)
 
@@ -301,8 +310,7 @@ class Driver:
             if not isinstance(item, (str, Filter)) or name not in self.stages:
                 if not isinstance(item, (str, Filter)):
                     raise TypeError(
-                        f"coroutine {co.name} yielded {item!r} in {spec!r}; expected stage names "
-                        "or filters"
+                        f"coroutine {co.name} yielded {item!r} in {spec!r}; expected stage names or filters"
                     )
                 raise ValueError(unknown_stage_message(name, f"coroutine {co.name}", self.stages))
             slot = self.slots[name]
@@ -380,4 +388,8 @@ class Driver:
             slot.refresh()
 
 
-_METHOD = {"StopTraining": "stop_training", "SkipBatch": "skip_batch", "SkipValidation": "skip_validation"}
+_METHOD = {
+    "StopTraining": "stop_training",
+    "SkipBatch": "skip_batch",
+    "SkipValidation": "skip_validation",
+}

@@ -44,9 +44,7 @@ class History:
 
     def __getitem__(self, name: str) -> list[Any]:
         if name != "epoch" and name not in self.names:
-            raise KeyError(
-                f"no metric {name!r} in the history; recorded: {self.names or 'none yet'}"
-            )
+            raise KeyError(f"no metric {name!r} in the history; recorded: {self.names or 'none yet'}")
         return [record.get(name, math.nan) for record in self.records]
 
     def __contains__(self, name: object) -> bool:
@@ -89,9 +87,7 @@ class History:
                 matplotlib.use("Agg")
             import matplotlib.pyplot as plt
         except ImportError:
-            raise ImportError(
-                "History.plot() needs matplotlib: pip install 'corolux[plot]'"
-            ) from None
+            raise ImportError("History.plot() needs matplotlib: pip install 'corolux[plot]'") from None
         metrics: dict[str, list[str]] = {}
         for name in self.names:
             phase, _, metric = name.partition("_")
@@ -117,8 +113,6 @@ class History:
         if not self.records:
             return "History(no epochs)"
         last = {k: v for k, v in self.records[-1].items() if k != "epoch"}
-        shown = ", ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v!r}" for k, v in last.items()
-        )
+        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v!r}" for k, v in last.items())
         flag = ", interrupted" if self.interrupted else ""
         return f"History({len(self.records)} epochs{flag}; last: {shown})"

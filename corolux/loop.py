@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from corolux.context import Context
+from corolux.data import length, to_device
 from corolux.events import Stage
 
 __all__ = [
@@ -202,7 +203,7 @@ def _batches(
     count_steps = begin is Stage.on_train_batch_begin
     while batch is not _END:
         if move:
-            batch = _to_device(batch, device)
+            batch = to_device(batch, device)
         # Look one batch ahead: the step knows the last batch (gradient accumulation), and
         # on CUDA the next batch's copy overlaps this step.
         following = next(iterator, _END)
@@ -255,12 +256,6 @@ def _bad_step_stage(stage: Any, begin: Stage, allowed: Collection[str]) -> Value
     )
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
-    from corolux.data import to_device
-
-    return to_device(batch, device)
-
-
 # -- phases and runs ---------------------------------------------------------------------------
 
 
@@ -273,7 +268,7 @@ def _phase(
     ctx.training = training
     ctx.model.train(training)
     ctx.data = data
-    ctx.num_batches = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
+    ctx.num_batches = length(data)
     ctx.iter = 0
     ctx._check_loss = True
     begin, batch_begin, batch_end, end = _PHASE_STAGES[phase]
@@ -288,7 +283,7 @@ _PHASE_STAGES = {
 }
 
 
-def _epoch(ctx: Context, train: Step, valid: Step, allowed: dict[str, Collection[str] | None]) -> Loop:
+def _epoch(ctx: Context, train: Step, valid: Step, allowed: Mapping[str, Collection[str] | None]) -> Loop:
     ctx.metrics = {}
     ctx._skip_validation = False
     yield from _phase(ctx, "train", ctx.train_data, train, allowed["train"])
@@ -298,7 +293,7 @@ def _epoch(ctx: Context, train: Step, valid: Step, allowed: dict[str, Collection
         ctx.completed_epochs += 1
 
 
-def _epochs(ctx: Context, train: Step, valid: Step, allowed: dict[str, Collection[str] | None]) -> Loop:
+def _epochs(ctx: Context, train: Step, valid: Step, allowed: Mapping[str, Collection[str] | None]) -> Loop:
     for epoch in range(ctx.completed_epochs + 1, ctx.max_epochs + 1):
         if ctx.stop_reason is not None:
             return
@@ -306,24 +301,18 @@ def _epochs(ctx: Context, train: Step, valid: Step, allowed: dict[str, Collectio
         yield from scope(ctx, Stage.on_epoch_begin, Stage.on_epoch_end, _epoch(ctx, train, valid, allowed))
 
 
-def fit_loop(
-    ctx: Context, train: Step, valid: Step, allowed: dict[str, Collection[str] | None]
-) -> Loop:
+def fit_loop(ctx: Context, train: Step, valid: Step, allowed: Mapping[str, Collection[str] | None]) -> Loop:
     """The whole training run: ``on_fit_begin``, the epochs, ``on_fit_end``."""
     return scope(ctx, Stage.on_fit_begin, Stage.on_fit_end, _epochs(ctx, train, valid, allowed))
 
 
-def evaluate_loop(
-    ctx: Context, data: Iterable[Any], valid: Step, allowed: Collection[str] | None
-) -> Loop:
+def evaluate_loop(ctx: Context, data: Iterable[Any], valid: Step, allowed: Collection[str] | None) -> Loop:
     """One validation pass: ``on_valid_begin`` .. ``on_valid_end``."""
     ctx.metrics = {}
     return _phase(ctx, "valid", data, valid, allowed)
 
 
-def predict_loop(
-    ctx: Context, data: Iterable[Any], predict: Step, allowed: Collection[str] | None
-) -> Loop:
+def predict_loop(ctx: Context, data: Iterable[Any], predict: Step, allowed: Collection[str] | None) -> Loop:
     """One prediction pass: ``on_predict_begin`` .. ``on_predict_end``; the outputs are
     concatenated into ``ctx.predictions`` before ``on_predict_end``."""
     return _phase(ctx, "predict", data, predict, allowed)

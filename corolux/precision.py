@@ -15,9 +15,7 @@ PRECISIONS = ("32", "bf16-mixed", "16-mixed")
 def _check(precision: str) -> str:
     precision = str(precision)
     if precision not in PRECISIONS:
-        raise ValueError(
-            f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}"
-        )
+        raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
     return precision
 
 
@@ -36,5 +34,3 @@ def make_scaler(precision: str, device: torch.device) -> Any:
     if _check(precision) != "16-mixed":
         return None
     return torch.amp.GradScaler(device.type)
-
-

@@ -14,14 +14,14 @@ import threading
 import warnings
 import weakref
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from corolux import loop
 from corolux._suggest import did_you_mean
-from corolux.callbacks import DEFAULTS, MetricsTracker, ProgressBar
+from corolux.callbacks import MetricsTracker, ProgressBar
 from corolux.callbacks.progress import attached_to_terminal
 from corolux.context import Context
 from corolux.data import default_unpack, resolve_data, split_validation
@@ -316,13 +316,21 @@ class Trainer:
         ctx = self._context()
         ctx.min_epochs, ctx.max_epochs, ctx.max_steps = min_epochs, max_epochs, max_steps
         ctx.train_data = resolve_data(
-            train_data, name="train_data", batch_size=batch_size, shuffle=True,
-            device=self.device, epochs=max_epochs,
+            train_data,
+            name="train_data",
+            batch_size=batch_size,
+            shuffle=True,
+            device=self.device,
+            epochs=max_epochs,
         )
         if valid_data is not None:
             ctx.valid_data = resolve_data(
-                valid_data, name="valid_data", batch_size=batch_size, shuffle=False,
-                device=self.device, epochs=max_epochs,
+                valid_data,
+                name="valid_data",
+                batch_size=batch_size,
+                shuffle=False,
+                device=self.device,
+                epochs=max_epochs,
             )
         defaults = [MetricsTracker(self.train_metrics, self.valid_metrics), ProgressBar()]
         driver = Driver(ctx, self._callbacks(defaults, callbacks), self.all_stages)
@@ -332,7 +340,11 @@ class Trainer:
         return driver, lambda: loop.fit_loop(ctx, train, valid, allowed)
 
     def _prepare_evaluate(
-        self, data: Any, callbacks: Sequence[Any] | None, metrics: Sequence[Any] | None, batch_size: int | None
+        self,
+        data: Any,
+        callbacks: Sequence[Any] | None,
+        metrics: Sequence[Any] | None,
+        batch_size: int | None,
     ) -> tuple[Driver, Callable[[], loop.Loop]]:
         self._check_idle()
         ctx = self._context()
@@ -350,9 +362,7 @@ class Trainer:
     ) -> tuple[Driver, Callable[[], loop.Loop]]:
         self._check_idle()
         ctx = self._context()
-        ctx.data = resolve_data(
-            data, name="data", batch_size=batch_size, shuffle=False, device=self.device
-        )
+        ctx.data = resolve_data(data, name="data", batch_size=batch_size, shuffle=False, device=self.device)
         driver = Driver(ctx, self._callbacks([ProgressBar()], callbacks), self.all_stages)
         step, allowed = self._steps["predict"][0], self._allowed("predict")
         data = ctx.data
@@ -389,19 +399,19 @@ class Trainer:
                 f"callbacks must be a list of callbacks, got {type(callbacks).__name__}; "
                 "wrap a single one: callbacks=[cb]"
             )
-        user_types = {type(cb) for cb in callbacks}
         show_progress = attached_to_terminal() if self.progress is None else self.progress
         kept = [
-            cb for cb in defaults
-            if type(cb) not in user_types and (show_progress or not isinstance(cb, ProgressBar))
+            default
+            for default in defaults
+            if not any(isinstance(cb, type(default)) for cb in callbacks)
+            and (show_progress or not isinstance(default, ProgressBar))
         ]
-        assert all(type(cb) in DEFAULTS for cb in kept)
         return kept + list(callbacks)
 
     # -- driving -------------------------------------------------------------------------------
 
     def _check_idle(self) -> None:
-        gen = self._open_run() if self._open_run is not None else None
+        gen: Any = self._open_run() if self._open_run is not None else None
         if gen is not None and gen.gi_frame is not None:
             raise RuntimeError(
                 "this trainer already has an open run; finish it (iterate to the end) or close "
@@ -409,7 +419,7 @@ class Trainer:
             )
 
     def _start(self, driver: Driver, make_loop: Callable[[], loop.Loop]) -> Generator[Event, None, None]:
-        gen = _restoring_mode(driver.ctx, driver.events(make_loop))
+        gen = driver.events(make_loop)
         self._open_run = weakref.ref(gen)
         return gen
 
@@ -429,15 +439,6 @@ class Trainer:
             f"Trainer({type(self.model).__name__}, device={str(self.device)!r}, "
             f"optimizers={list(self.optimizers)}, precision={self.precision!r})"
         )
-
-
-def _restoring_mode(ctx: Context, events: Generator[Event, None, None]) -> Generator[Event, None, None]:
-    """Yield from ``events`` and restore the model's train/eval mode when the run ends."""
-    training = ctx.model.training
-    try:
-        yield from events
-    finally:
-        ctx.model.train(training)
 
 
 @contextlib.contextmanager
@@ -482,7 +483,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
         ) from None
 
 
-def resolve_optimizers(spec: OptimizerSpec | None, model: torch.nn.Module) -> dict[str, torch.optim.Optimizer]:
+def resolve_optimizers(
+    spec: OptimizerSpec | None, model: torch.nn.Module
+) -> dict[str, torch.optim.Optimizer]:
     """An Optimizer, a factory ``params -> Optimizer`` or a dict of them -> ``{name: Optimizer}``."""
     if spec is None:
         return {}
@@ -515,7 +518,11 @@ def _one_optimizer(value: Any, model: torch.nn.Module, name: str | None) -> torc
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"{where}: the factory returned {type(optimizer).__name__}, not an Optimizer")
         return optimizer
-    hint = f" (call it with the parameters: lambda p: {value.__name__}(p, lr=...))" if isinstance(value, type) else ""
+    hint = (
+        f" (call it with the parameters: lambda p: {value.__name__}(p, lr=...))"
+        if isinstance(value, type)
+        else ""
+    )
     raise TypeError(
         f"{where} must be a torch.optim.Optimizer, a factory params -> Optimizer, or a dict of "
         f"them, got {type(value).__name__}{hint}"
@@ -524,6 +531,7 @@ def _one_optimizer(value: Any, model: torch.nn.Module, name: str | None) -> torc
 
 def resolve_epochs(epochs: Any) -> tuple[int, int]:
     """``n`` -> ``(n, n)``; ``(min, max)`` checked."""
+
     def is_int(x: Any) -> bool:
         return isinstance(x, int) and not isinstance(x, bool)
 
@@ -543,7 +551,9 @@ def _check_metrics(metrics: Sequence[Any] | None, argument: str) -> list[Any]:
     if metrics is None:
         return []
     if not isinstance(metrics, (list, tuple)):
-        raise TypeError(f"{argument} must be a list of metrics, got {type(metrics).__name__}; wrap it: [metric]")
+        raise TypeError(
+            f"{argument} must be a list of metrics, got {type(metrics).__name__}; wrap it: [metric]"
+        )
     for metric in metrics:
         check_metric(metric, argument)
     return list(metrics)
@@ -578,11 +588,10 @@ def fit(model: torch.nn.Module, train_data: Any, **kwargs: Any) -> History:
         known = sorted(_TRAINER_ARGS | fit_args)
         raise TypeError(
             f"corolux.fit() got an unexpected argument {unknown[0]!r};"
-            f"{did_you_mean(unknown[0], known) or ''} it takes Trainer's and Trainer.fit's: {', '.join(known)}"
+            f"{did_you_mean(unknown[0], known) or ''} "
+            f"it takes Trainer's and Trainer.fit's: {', '.join(known)}"
         )
     trainer = Trainer(model, **trainer_kwargs)
     history = trainer.fit(train_data, **kwargs)
     history.trainer = trainer  # type: ignore[attr-defined]
     return history
-
-

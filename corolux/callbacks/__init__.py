@@ -21,7 +21,7 @@ from corolux.callbacks.progress import ProgressBar as ProgressBar
 #: The default callbacks and their weights, the one place these numbers live.
 DEFAULTS = MappingProxyType({MetricsTracker: -100.0, ProgressBar: 100.0})
 for _cls, _weight in DEFAULTS.items():
-    _cls.weight = _weight
+    _cls.weight = _weight  # type: ignore[attr-defined]
 del _cls, _weight
 
 __all__ = ["DEFAULTS", "MetricsTracker", "ProgressBar"]

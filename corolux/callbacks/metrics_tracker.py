@@ -50,8 +50,10 @@ class MetricsTracker(Callback):
         if ctx.skipped:
             return
         target = ctx.target
-        size = target.shape[0] if type(target) is torch.Tensor and target.ndim else batch_size_of(
-            ctx.input if target is None else target
+        size = (
+            target.shape[0]
+            if type(target) is torch.Tensor and target.ndim
+            else batch_size_of(ctx.input if target is None else target)
         )
         losses = self._losses
         if ctx.losses and ctx.training:

@@ -40,7 +40,9 @@ class ProgressBar(Callback):
         refresh_per_second: how often the bar and its loss are updated.
     """
 
-    def __init__(self, leave: bool = True, file: IO[str] | None = None, refresh_per_second: float = 4.0) -> None:
+    def __init__(
+        self, leave: bool = True, file: IO[str] | None = None, refresh_per_second: float = 4.0
+    ) -> None:
         if refresh_per_second <= 0:
             raise ValueError(f"refresh_per_second must be > 0, got {refresh_per_second!r}")
         self.leave = leave
