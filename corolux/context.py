@@ -90,7 +90,7 @@ class Context:
         self.unpack: Callable[[Any], tuple[Any, Any]] = _unpack_default
         self._stages = stages
         self._check_loss = True
-        self._params: dict[str, list[torch.Tensor]] = {}
+        self._params: dict[int, list[torch.Tensor]] = {}
         self._in_batch = False
         self._skip_validation = False
         self._grads_pending = False
@@ -150,16 +150,20 @@ class Context:
 
     # -- custom-step helpers -----------------------------------------------------------
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, opt: torch.optim.Optimizer | None = None) -> None:
         """Backpropagate ``loss`` as the default step does: scaled by ``1/accumulate_steps``
-        and by the GradScaler when there is one."""
-        if self.accumulate_steps > 1:
+        and by the GradScaler when there is one.
+
+        With several optimizers the gradients go only to the parameters of ``opt`` (default
+        ``ctx.opt``), so one optimizer's loss does not leak into another's gradients.
+        """
+        if self.accumulate_steps != 1:
             loss = loss / self.accumulate_steps
         if self.scaler is not None:
             loss = self.scaler.scale(loss)
-        if len(self.optimizers) > 1 and self.opt_name in self._params:
+        if self._params:
             # Several optimizers: this loss's gradients go to this optimizer's parameters only.
-            loss.backward(inputs=self._params[self.opt_name])
+            loss.backward(inputs=self._params[id(self.opt if opt is None else opt)])
         else:
             loss.backward()
         self._grads_pending = True

@@ -172,6 +172,11 @@ class LossTracker:
         self._losses.clear()
         self._sizes.clear()
 
+    @property
+    def count(self) -> int:
+        """The number of samples seen."""
+        return self._count + sum(self._sizes)
+
     def compute(self) -> float:
         self._fold()
         if self._count == 0:

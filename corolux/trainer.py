@@ -385,8 +385,8 @@ class Trainer:
         ctx.unpack = self.unpack
         if len(self.optimizers) > 1:
             ctx._params = {
-                name: [p for group in opt.param_groups for p in group["params"] if p.requires_grad]
-                for name, opt in self.optimizers.items()
+                id(opt): [p for group in opt.param_groups for p in group["params"] if p.requires_grad]
+                for opt in self.optimizers.values()
             }
         return ctx
 

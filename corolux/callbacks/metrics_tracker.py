@@ -33,13 +33,15 @@ class MetricsTracker(Callback):
     ) -> None:
         self.train_metrics = [copy.deepcopy(m) for m in train_metrics]
         self.valid_metrics = [copy.deepcopy(m) for m in valid_metrics]
-        self._losses: dict[str, LossTracker] = {}
+        self._loss = LossTracker()
+        self._losses: dict[str, LossTracker] = {"loss": self._loss}
         self._phase_metrics: list[Any] = []
 
     # -- phases -------------------------------------------------------------------------------
 
     def _begin(self, ctx: Context, metrics: list[Any]) -> None:
-        self._losses = {}
+        self._loss = LossTracker()
+        self._losses = {"loss": self._loss}
         self._phase_metrics = metrics
         for metric in metrics:
             if isinstance(metric, torch.nn.Module):  # torchmetrics: its state follows the device
@@ -47,29 +49,31 @@ class MetricsTracker(Callback):
             metric.reset()
 
     def _batch_end(self, ctx: Context) -> None:
+        # Per batch: keep the detached loss and update the metrics on the device; no sync.
         if ctx.skipped:
             return
         target = ctx.target
-        size = (
-            target.shape[0]
-            if type(target) is torch.Tensor and target.ndim
-            else batch_size_of(ctx.input if target is None else target)
-        )
-        losses = self._losses
-        if ctx.losses and ctx.training:
+        if type(target) is torch.Tensor and target.ndim:
+            size = target.shape[0]
+        else:
+            size = batch_size_of(ctx.input if target is None else target)
+        if ctx.losses and ctx.training:  # several optimizers: one loss each
+            losses = self._losses
             for name, loss in ctx.losses.items():
                 key = f"loss_{name}"
-                tracker = losses.get(key) or losses.setdefault(key, LossTracker(key))
+                tracker = losses.get(key)
+                if tracker is None:
+                    tracker = losses[key] = LossTracker(key)
                 tracker.update(loss, size)
         elif ctx.loss is not None:
-            tracker = losses.get("loss") or losses.setdefault("loss", LossTracker())
-            tracker.update(ctx.loss, size)
+            self._loss.update(ctx.loss, size)
         for metric in self._phase_metrics:
             metric.update(ctx.pred, target)
 
     def _end(self, ctx: Context, phase: str) -> None:
         for name, tracker in self._losses.items():
-            ctx.metrics[f"{phase}_{name}"] = tracker.compute()
+            if tracker.count or name != "loss" or not ctx.losses:  # no empty "loss" beside per-optimizer ones
+                ctx.metrics[f"{phase}_{name}"] = tracker.compute()
         for metric in self._phase_metrics:
             value = metric.compute()
             if isinstance(value, torch.Tensor):
