@@ -150,99 +150,113 @@ def predict_step(ctx: Context) -> Generator[Stage, None, None]:
 
 
 # -- begin/end symmetry ----------------------------------------------------------------------
+#
+# Every scope below has the same shape, so that every begin gets its end:
+#
+#     try:
+#         yield BEGIN
+#         ...body...
+#     except KeyboardInterrupt as exc:
+#         yield from _interrupt(ctx, exc)      # on_interrupt, or re-raise to abort
+#     yield END
+#
+# Ordinary exceptions and GeneratorExit pass through without yielding. The scopes are
+# written out in two generators (fit_loop: fit + epoch; _phase: phase + batch) rather than
+# nested through a helper: each level of ``yield from`` costs every event of the batch loop
+# a frame resume, and these events are the hot path.
 
 
-def _graceful_interrupt(ctx: Context) -> bool:
-    """Turn a first Ctrl-C into a stop; False when this one must abort (a second Ctrl-C)."""
+def _interrupt(ctx: Context, exc: KeyboardInterrupt) -> Generator[Stage, None, None]:
+    """Turn a first Ctrl-C into a graceful stop and yield ``on_interrupt``; re-raise a second
+    one (abort)."""
     if ctx._interrupted or ctx._sigint_count >= 2:
-        return False
+        raise exc
     ctx._interrupted = True
     ctx.history.interrupted = True
     ctx.stop_training("interrupted")
-    return True
+    yield Stage.on_interrupt
 
 
-def scope(ctx: Context, begin: Stage, end: Stage, body: Iterable[Stage | str]) -> Loop:
-    """Yield ``begin``, the body, then ``end``: every begin gets its end.
-
-    A ``KeyboardInterrupt`` inside becomes a graceful stop (``on_interrupt``, then ``end``);
-    other exceptions and ``GeneratorExit`` pass through without yielding.
-    """
-    try:
-        yield begin
-        yield from body
-    except KeyboardInterrupt:
-        if not _graceful_interrupt(ctx):
-            raise
-        yield Stage.on_interrupt
-    yield end
-
-
-def _batches(
+def _phase(
     ctx: Context,
+    phase: str,
     data: Iterable[Any],
     step: Step,
-    begin: Stage,
-    end: Stage,
     allowed: Collection[str] | None,
-    outputs: list[Any] | None = None,
 ) -> Loop:
-    """Run ``step`` on each batch of ``data``, between ``begin`` and ``end``.
+    """One pass over ``data``: ``on_<phase>_begin``, a step per batch between
+    ``on_<phase>_batch_begin`` and ``_end``, then ``on_<phase>_end``.
 
-    The batch scope is written out here instead of using :func:`scope`: it runs per batch,
-    and a generator per batch would cost more than the rest of the dispatch. ``allowed``
-    checks a custom step's stages (None for the built-in steps).
+    ``allowed`` checks a custom step's stages (None for the built-in steps).
     """
+    begin, batch_begin, batch_end, end = _PHASE_STAGES[phase]
+    training = phase == "train"
+    ctx.phase = phase
+    ctx.training = training
+    ctx.model.train(training)
+    ctx.data = data
+    ctx.num_batches = length(data)
+    ctx.iter = 0
+    ctx._check_loss = True
+    outputs: list[Any] | None = [] if phase == "predict" else None
     unpack = ctx.unpack
     device = ctx.device
     move = device.type != "cpu"  # on the CPU a batch is used as it comes
-    iterator = iter(data)
-    batch = next(iterator, _END)
-    if batch is _END:
-        raise ValueError(f"{ctx.phase} data yielded no batches; pass at least one batch")
-    count_steps = begin is Stage.on_train_batch_begin
-    while batch is not _END:
-        if move:
-            batch = to_device(batch, device)
-        # Look one batch ahead: the step knows the last batch (gradient accumulation), and
-        # on CUDA the next batch's copy overlaps this step.
-        following = next(iterator, _END)
-        ctx.is_last_batch = following is _END
-        ctx.iter += 1
-        ctx.batch = batch
-        ctx.input, ctx.target = unpack(batch)
-        ctx.skipped = False
-        ctx._in_batch = True
-        try:
-            yield begin
-            if not ctx.skipped:
-                stages = step(ctx)
-                for stage in stages:
-                    if allowed is not None and stage not in allowed:
-                        raise _bad_step_stage(stage, begin, allowed)
-                    if count_steps and stage == TRAIN_AFTER_STEP:
-                        ctx.step += 1
-                        if ctx.max_steps is not None and ctx.step >= ctx.max_steps:
-                            ctx.stop_training("max_steps")
-                    yield stage
-                    if ctx.skipped:
-                        stages.close()
-                        break
-        except KeyboardInterrupt:
-            if not _graceful_interrupt(ctx):
-                raise
-            yield Stage.on_interrupt
-        ctx._in_batch = False
-        if ctx.skipped and ctx._grads_pending:
-            ctx.zero_grad()
-        yield end
-        if outputs is not None and not ctx.skipped:
-            outputs.append(ctx.pred)
-        if ctx.stop_reason is not None:
-            break
-        batch = following
-    if outputs:
-        ctx.predictions = concat(outputs)
+    try:
+        yield begin
+        iterator = iter(data)
+        batch = next(iterator, _END)
+        if batch is _END:
+            raise ValueError(f"the {phase} data yielded no batches; pass at least one batch")
+        while batch is not _END:
+            if move:
+                batch = to_device(batch, device)
+            # Look one batch ahead: the step knows the last batch (gradient accumulation),
+            # and on CUDA the next batch's copy overlaps this step.
+            following = next(iterator, _END)
+            ctx.is_last_batch = following is _END
+            ctx.iter += 1
+            ctx.batch = batch
+            ctx.input, ctx.target = unpack(batch)
+            ctx.skipped = False
+            ctx._in_batch = True
+            try:
+                yield batch_begin
+                if not ctx.skipped:
+                    stages = step(ctx)
+                    for stage in stages:
+                        if allowed is not None and stage not in allowed:
+                            raise _bad_step_stage(stage, batch_begin, allowed)
+                        if training and stage == TRAIN_AFTER_STEP:  # ctx.step counts here only
+                            ctx.step += 1
+                            if ctx.max_steps is not None and ctx.step >= ctx.max_steps:
+                                ctx.stop_training("max_steps")
+                        yield stage
+                        if ctx.skipped:
+                            stages.close()
+                            break
+            except KeyboardInterrupt as exc:
+                yield from _interrupt(ctx, exc)
+            ctx._in_batch = False
+            if ctx.skipped and ctx._grads_pending:
+                ctx.zero_grad()
+            yield batch_end
+            if outputs is not None and not ctx.skipped:
+                outputs.append(ctx.pred)
+            if ctx.stop_reason is not None:
+                break
+            batch = following
+        if outputs:
+            ctx.predictions = concat(outputs)
+    except KeyboardInterrupt as exc:
+        yield from _interrupt(ctx, exc)
+    yield end
+
+
+_PHASE_STAGES = {
+    phase: tuple(Stage(f"on_{phase}_{part}") for part in ("begin", "batch_begin", "batch_end", "end"))
+    for phase in ("train", "valid", "predict")
+}
 
 
 def _bad_step_stage(stage: Any, begin: Stage, allowed: Collection[str]) -> ValueError:
@@ -256,54 +270,36 @@ def _bad_step_stage(stage: Any, begin: Stage, allowed: Collection[str]) -> Value
     )
 
 
-# -- phases and runs ---------------------------------------------------------------------------
-
-
-def _phase(
-    ctx: Context, phase: str, data: Iterable[Any], step: Step, allowed: Collection[str] | None
-) -> Loop:
-    """One pass over ``data``: ``on_<phase>_begin``, its batches, ``on_<phase>_end``."""
-    training = phase == "train"
-    ctx.phase = phase
-    ctx.training = training
-    ctx.model.train(training)
-    ctx.data = data
-    ctx.num_batches = length(data)
-    ctx.iter = 0
-    ctx._check_loss = True
-    begin, batch_begin, batch_end, end = _PHASE_STAGES[phase]
-    outputs: list[Any] | None = [] if phase == "predict" else None
-    batches = _batches(ctx, data, step, batch_begin, batch_end, allowed, outputs)
-    yield from scope(ctx, begin, end, batches)
-
-
-_PHASE_STAGES = {
-    phase: tuple(Stage(f"on_{phase}_{part}") for part in ("begin", "batch_begin", "batch_end", "end"))
-    for phase in ("train", "valid", "predict")
-}
-
-
-def _epoch(ctx: Context, train: Step, valid: Step, allowed: Mapping[str, Collection[str] | None]) -> Loop:
-    ctx.metrics = {}
-    ctx._skip_validation = False
-    yield from _phase(ctx, "train", ctx.train_data, train, allowed["train"])
-    if ctx.valid_data is not None and ctx.stop_reason is None and not ctx._skip_validation:
-        yield from _phase(ctx, "valid", ctx.valid_data, valid, allowed["valid"])
-    if ctx.stop_reason is None:
-        ctx.completed_epochs += 1
-
-
-def _epochs(ctx: Context, train: Step, valid: Step, allowed: Mapping[str, Collection[str] | None]) -> Loop:
-    for epoch in range(ctx.completed_epochs + 1, ctx.max_epochs + 1):
-        if ctx.stop_reason is not None:
-            return
-        ctx.epoch = epoch
-        yield from scope(ctx, Stage.on_epoch_begin, Stage.on_epoch_end, _epoch(ctx, train, valid, allowed))
+# -- runs --------------------------------------------------------------------------------------
 
 
 def fit_loop(ctx: Context, train: Step, valid: Step, allowed: Mapping[str, Collection[str] | None]) -> Loop:
-    """The whole training run: ``on_fit_begin``, the epochs, ``on_fit_end``."""
-    return scope(ctx, Stage.on_fit_begin, Stage.on_fit_end, _epochs(ctx, train, valid, allowed))
+    """The whole training run: ``on_fit_begin``, the epochs, ``on_fit_end``.
+
+    Epochs run from ``ctx.completed_epochs + 1`` to ``ctx.max_epochs``; an epoch counts as
+    completed when no stop was given before its ``on_epoch_end``.
+    """
+    try:
+        yield Stage.on_fit_begin
+        for epoch in range(ctx.completed_epochs + 1, ctx.max_epochs + 1):
+            if ctx.stop_reason is not None:
+                break
+            ctx.epoch = epoch
+            ctx.metrics = {}
+            ctx._skip_validation = False
+            try:
+                yield Stage.on_epoch_begin
+                yield from _phase(ctx, "train", ctx.train_data, train, allowed["train"])
+                if ctx.valid_data is not None and ctx.stop_reason is None and not ctx._skip_validation:
+                    yield from _phase(ctx, "valid", ctx.valid_data, valid, allowed["valid"])
+                if ctx.stop_reason is None:
+                    ctx.completed_epochs += 1
+            except KeyboardInterrupt as exc:
+                yield from _interrupt(ctx, exc)
+            yield Stage.on_epoch_end
+    except KeyboardInterrupt as exc:
+        yield from _interrupt(ctx, exc)
+    yield Stage.on_fit_end
 
 
 def evaluate_loop(ctx: Context, data: Iterable[Any], valid: Step, allowed: Collection[str] | None) -> Loop:

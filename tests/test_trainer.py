@@ -78,22 +78,17 @@ class Recorder(corolux.Callback):
 
     def __init__(self, fn, *stages: str, weight: float = 0) -> None:
         self.fn = fn
+        self.stages = frozenset(stages)
         self.weight = weight
-        for stage in stages:
-            setattr(self, stage, functools.partial(self._call, stage))
 
-    def _call(self, stage: str, ctx) -> None:
-        self.fn(stage, ctx)
+    def _on(self, stage: str, ctx) -> None:
+        if stage in self.stages:
+            self.fn(stage, ctx)
 
-    # The driver finds listeners on the class; declare every stage we may record.
-    for _stage in Stage:
-        locals()[_stage.value] = lambda self, ctx, _s=_stage.value: self._dispatch(_s, ctx)
-    del _stage
 
-    def _dispatch(self, stage: str, ctx) -> None:
-        handler = self.__dict__.get(stage)
-        if handler is not None:
-            handler(ctx)
+for _stage in Stage:
+    setattr(Recorder, _stage.value, lambda self, ctx, _s=_stage.value: self._on(_s, ctx))
+del _stage
 
 
 # -- construction and its errors ---------------------------------------------------------------
@@ -235,7 +230,7 @@ def test_device_default_is_auto():
     assert trainer.device == make_trainer(device="auto").device
 
 
-@pytest.mark.parametrize("precision", ["32", "bf16-mixed"])
+@pytest.mark.parametrize("precision", ["32", "bf16-mixed", "16-mixed"])
 def test_precision_trains_on_cpu(precision):
     torch.manual_seed(0)
     model = mlp(4, 3, 32)
@@ -248,7 +243,10 @@ def test_precision_trains_on_cpu(precision):
     losses = history["train_loss"]
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < 0.7 * losses[0]
-    assert scalers == [None]  # no GradScaler outside "16-mixed"
+    if precision == "16-mixed":
+        assert isinstance(scalers[0], torch.amp.GradScaler)
+    else:
+        assert scalers == [None]  # no GradScaler outside "16-mixed"
 
 
 def test_bf16_mixed_runs_the_forward_under_autocast():
@@ -395,22 +393,6 @@ def test_run_without_validation_yields_no_valid_events():
     assert stages == expected_tree(1, 2, 0)
 
 
-def test_run_and_fit_use_the_same_loop():
-    """run() consumed to the end gives the same history as fit() from the same state."""
-    x, y = iris()
-    model = mlp(4, 3)
-    first = copy.deepcopy(model)
-    trainer_a = make_trainer(model, metrics=[Accuracy()])
-    h_fit = trainer_a.fit((x, y), epochs=2, valid_data=(x[:20], y[:20]))
-    trainer_b = make_trainer(first, metrics=[Accuracy()], seed=None)
-    torch.manual_seed(1)
-    torch.manual_seed(1)
-    for _ in trainer_b.run((x, y), epochs=2, valid_data=(x[:20], y[:20])):
-        pass
-    assert set(trainer_b.history.to_dict()) == set(h_fit.to_dict())
-    assert len(trainer_b.history) == 2
-
-
 def test_event_ctx_carries_the_contract_attributes():
     x, y = iris()
     model = mlp(4, 3)
@@ -493,7 +475,6 @@ def test_assigned_target_is_what_the_loss_uses():
             losses.append((ctx.loss.detach(), expected))
     ((got, want),) = losses
     assert torch.allclose(got, want)
-    assert not torch.allclose(got, F.cross_entropy(losses and got * 0 + want, y[:10]) * 0 + 1e9)
 
 
 def test_assigned_target_changes_the_loss_against_the_original():

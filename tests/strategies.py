@@ -1,0 +1,379 @@
+"""Hypothesis strategies for the engine's property tests, and the small real setups they run.
+
+A *plan* is a list of :class:`Action`: at the n-th occurrence of a stage, a source (a class
+callback, a coroutine callback, or the code iterating ``run()``) gives a control signal
+(method or exception form), raises an ordinary error, or raises ``KeyboardInterrupt``.
+:func:`execute` runs a plan on a tiny real model and records what happened in a
+:class:`Recording`, which the tests check against DESIGN section 1 and 3.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from hypothesis import strategies as st
+
+import corolux
+
+# -- the stages of a fit() stream --------------------------------------------------------------
+
+TRAIN_INNER = (
+    "on_train_batch_after_pred",
+    "on_train_batch_after_loss",
+    "on_train_batch_before_backward",
+    "on_train_batch_before_step",
+    "on_train_batch_after_step",
+)
+VALID_INNER = ("on_valid_batch_after_pred", "on_valid_batch_after_loss")
+#: Stages where a batch is open, so skip_batch() is valid there.
+IN_BATCH = ("on_train_batch_begin", *TRAIN_INNER, "on_valid_batch_begin", *VALID_INNER)
+#: Every stage of the fit tree (DESIGN section 1), in tree order.
+FIT_STAGES = (
+    "on_fit_begin",
+    "on_epoch_begin",
+    "on_train_begin",
+    "on_train_batch_begin",
+    *TRAIN_INNER,
+    "on_train_batch_end",
+    "on_train_end",
+    "on_valid_begin",
+    "on_valid_batch_begin",
+    *VALID_INNER,
+    "on_valid_batch_end",
+    "on_valid_end",
+    "on_epoch_end",
+    "on_fit_end",
+)
+ONE_OFF = ("on_exception", "on_early_stopping", "on_interrupt")
+
+SIGNAL_METHODS = ("stop", "skip_batch", "skip_validation")
+SIGNAL_RAISES = ("raise_stop", "raise_skip_batch", "raise_skip_validation")
+SIGNALS = SIGNAL_METHODS + SIGNAL_RAISES
+STOPS = ("stop", "raise_stop")
+SKIP_BATCHES = ("skip_batch", "raise_skip_batch")
+SKIP_VALIDATIONS = ("skip_validation", "raise_skip_validation")
+ALL_KINDS = SIGNALS + ("error", "keyboard_interrupt")
+SOURCES = ("class", "coroutine", "consumer")
+
+
+class ChaosError(Exception):
+    """The ordinary error a plan raises."""
+
+
+# -- real setups ---------------------------------------------------------------------------------
+
+
+def make_batches(n: int, batch_size: int | list[int], seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` batches ``(x, y)`` of a noisy linear regression, 3 features -> 1 target.
+
+    ``batch_size`` may be a list giving each batch's size.
+    """
+    g = torch.Generator().manual_seed(seed)
+    sizes = batch_size if isinstance(batch_size, list) else [batch_size] * n
+    w = torch.tensor([[1.0], [-2.0], [0.5]])
+    out = []
+    for size in sizes[:n]:
+        x = torch.randn(size, 3, generator=g)
+        y = x @ w + 0.1 * torch.randn(size, 1, generator=g)
+        out.append((x, y))
+    return out
+
+
+def make_trainer(seed: int = 0, lr: float = 0.1, **kwargs: Any) -> corolux.Trainer:
+    """A Linear(3, 1) regression trainer on the CPU, SGD, MSE loss, no progress bar."""
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(3, 1)
+    kwargs.setdefault("progress", False)
+    return corolux.Trainer(
+        model,
+        loss_fn=torch.nn.functional.mse_loss,
+        optimizer=lambda params: torch.optim.SGD(params, lr=lr),
+        device="cpu",
+        **kwargs,
+    )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    epochs: int
+    train_batches: int
+    valid_batches: int  # 0: no validation data
+    batch_size: int
+    seed: int
+
+    def data(self) -> tuple[list[Any], list[Any] | None]:
+        train = make_batches(self.train_batches, self.batch_size, self.seed)
+        valid = make_batches(self.valid_batches, self.batch_size, self.seed + 1) if self.valid_batches else None
+        return train, valid
+
+
+def run_configs(validation: bool | None = None) -> st.SearchStrategy[RunConfig]:
+    """Random epochs (1-3), batch counts (1-4 train, 0-3 valid) and batch sizes.
+
+    ``validation`` True/False forces validation data on/off; None draws it.
+    """
+    if validation is None:
+        valid = st.integers(0, 3)
+    elif validation:
+        valid = st.integers(1, 3)
+    else:
+        valid = st.just(0)
+    return st.builds(
+        RunConfig,
+        epochs=st.integers(1, 3),
+        train_batches=st.integers(1, 4),
+        valid_batches=valid,
+        batch_size=st.integers(1, 4),
+        seed=st.integers(0, 3),
+    )
+
+
+# -- plans -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Action:
+    stage: str
+    occurrence: int  # 1-based count of this stage in the run
+    kind: str
+    source: str  # "class", "coroutine" or "consumer"
+
+
+@st.composite
+def actions(draw: Any, kinds: tuple[str, ...] = ALL_KINDS, sources: tuple[str, ...] = SOURCES) -> Action:
+    """One action at a random stage; skip_batch only where a batch is open; the consumer
+    gives signals by method only (its own exceptions are not signals)."""
+    kind = draw(st.sampled_from(kinds))
+    source = draw(st.sampled_from([s for s in sources if s != "consumer" or kind in SIGNAL_METHODS]))
+    stages = IN_BATCH if kind in SKIP_BATCHES else FIT_STAGES
+    stage = draw(st.sampled_from(stages))
+    occurrence = draw(st.integers(1, 3))
+    return Action(stage, occurrence, kind, source)
+
+
+def plans(kinds: tuple[str, ...] = ALL_KINDS, sources: tuple[str, ...] = SOURCES, max_size: int = 4) -> st.SearchStrategy[list[Action]]:
+    return st.lists(actions(kinds, sources), min_size=1, max_size=max_size)
+
+
+# -- running a plan ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Performed:
+    index: int  # position in the stream of the event where it was done
+    action: Action
+    error: BaseException | None = None
+
+
+@dataclass
+class Recording:
+    stream: list[str] = field(default_factory=list)
+    skipped_at: dict[int, bool] = field(default_factory=dict)  # index of a *_batch_end -> ctx.skipped
+    exception_at_event: BaseException | None = None  # ctx.exception seen with on_exception
+    performed: list[Performed] = field(default_factory=list)
+    outcome: BaseException | None = None  # what run() raised, if anything
+    warnings: list[warnings.WarningMessage] = field(default_factory=list)
+    ctx: Any = None
+    ki_fired: bool = False
+    teardowns: int = 0
+
+    def first(self, kinds: tuple[str, ...]) -> Performed | None:
+        return next((p for p in self.performed if p.action.kind in kinds), None)
+
+
+def _perform(action: Action, ctx: Any, rec: Recording) -> None:
+    kind = action.kind
+    if kind == "keyboard_interrupt":
+        if rec.ki_fired:  # a second Ctrl-C aborts: plans raise it once
+            return
+        rec.ki_fired = True
+    done = Performed(len(rec.stream), action)
+    rec.performed.append(done)
+    if kind == "stop":
+        ctx.stop_training("chaos")
+    elif kind == "skip_batch":
+        ctx.skip_batch()
+    elif kind == "skip_validation":
+        ctx.skip_validation()
+    elif kind == "raise_stop":
+        raise corolux.StopTraining("chaos")
+    elif kind == "raise_skip_batch":
+        raise corolux.SkipBatch()
+    elif kind == "raise_skip_validation":
+        raise corolux.SkipValidation()
+    elif kind == "error":
+        err = ChaosError(f"chaos at {action.stage} #{action.occurrence}")
+        done.error = err
+        raise err
+    elif kind == "keyboard_interrupt":
+        raise KeyboardInterrupt
+    else:  # pragma: no cover
+        raise AssertionError(kind)
+
+
+def _chaos_class(plan: list[Action], rec: Recording) -> Any:
+    """A class callback (built with the corolux.callback factory) listening to every fit stage."""
+    mine = [a for a in plan if a.source == "class"]
+    counts: Counter[str] = Counter()
+
+    def handler(stage: str) -> Any:
+        def on_stage(self: Any, ctx: Any) -> None:
+            counts[stage] += 1
+            for action in mine:
+                if action.stage == stage and action.occurrence == counts[stage]:
+                    _perform(action, ctx, rec)
+
+        return on_stage
+
+    def teardown(self: Any, ctx: Any) -> None:
+        rec.teardowns += 1
+
+    methods = {stage: handler(stage) for stage in FIT_STAGES}
+    return corolux.callback("chaos", teardown=teardown, **methods)()
+
+
+@corolux.coroutine(weight=0)
+def chaos_coroutine(plan: list[Action], rec: Recording):  # type: ignore[no-untyped-def]
+    """Wait for the stages of its actions; do each at its occurrence."""
+    mine = [a for a in plan if a.source == "coroutine"]
+    if not mine:
+        return
+    stages = tuple(dict.fromkeys(a.stage for a in mine))
+    counts: Counter[str] = Counter()
+    while True:
+        event = yield stages
+        stage = str(event.stage)
+        counts[stage] += 1
+        for action in mine:
+            if action.stage == stage and action.occurrence == counts[stage]:
+                _perform(action, event.ctx, rec)
+
+
+def execute(config: RunConfig, plan: list[Action]) -> Recording:
+    """Run ``plan`` through ``trainer.run()`` and record the stream and what happened."""
+    rec = Recording()
+    trainer = make_trainer(config.seed)
+    train, valid = config.data()
+    consumer = [a for a in plan if a.source == "consumer"]
+    counts: Counter[str] = Counter()
+    callbacks = [_chaos_class(plan, rec), chaos_coroutine(plan, rec)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            for event in trainer.run(train, epochs=config.epochs, valid_data=valid, callbacks=callbacks):
+                stage = str(event.stage)
+                ctx = event.ctx
+                rec.ctx = ctx
+                if stage.endswith("_batch_end"):
+                    rec.skipped_at[len(rec.stream)] = bool(ctx.skipped)
+                if stage == "on_exception":
+                    rec.exception_at_event = ctx.exception
+                rec.stream.append(stage)
+                counts[stage] += 1
+                for action in consumer:
+                    if action.stage == stage and action.occurrence == counts[stage]:
+                        _perform(action, ctx, rec)
+        except BaseException as exc:  # noqa: BLE001 - the tests check what escaped
+            rec.outcome = exc
+    rec.warnings = list(caught)
+    return rec
+
+
+# -- checking a stream ---------------------------------------------------------------------------------
+
+_BEGIN_PARENT = {
+    "fit": None,
+    "epoch": "fit",
+    "train": "epoch",
+    "valid": "epoch",
+    "train_batch": "train",
+    "valid_batch": "valid",
+}
+_INNER_SCOPE = {s: "train_batch" for s in TRAIN_INNER} | {s: "valid_batch" for s in VALID_INNER}
+_INNER_ORDER = {s: i for i, s in enumerate(TRAIN_INNER)} | {s: i for i, s in enumerate(VALID_INNER)}
+
+
+def scope_of(stage: str) -> str:
+    for suffix in ("_begin", "_end"):
+        if stage.endswith(suffix):
+            return stage[3 : -len(suffix)]
+    return ""
+
+
+def check_structure(stream: list[str], complete: bool) -> None:
+    """Assert that ``stream`` follows the fit tree: begins matched by ends, properly nested,
+    inner stages in order inside their batch; with ``complete``, every scope is closed and
+    ``on_fit_end`` is the last event (one-off events may appear anywhere but the end)."""
+    stack: list[str] = []
+    last_inner = -1
+    phases_in_epoch: list[str] = []
+    for i, stage in enumerate(stream):
+        where = f"event {i} ({stage!r}) in {stream!r}"
+        if stage in ONE_OFF:
+            assert stack, f"one-off event outside the fit scope: {where}"
+            continue
+        if stage in _INNER_SCOPE:
+            assert stack and stack[-1] == _INNER_SCOPE[stage], f"inner stage outside its batch: {where}"
+            assert _INNER_ORDER[stage] > last_inner, f"inner stage out of order: {where}"
+            last_inner = _INNER_ORDER[stage]
+            continue
+        sc = scope_of(stage)
+        assert sc in _BEGIN_PARENT, f"unexpected stage: {where}"
+        if stage.endswith("_begin"):
+            parent = _BEGIN_PARENT[sc]
+            if parent is None:
+                assert i == 0 and not stack, f"on_fit_begin must be the first event: {where}"
+            else:
+                assert stack and stack[-1] == parent, f"{stage} not directly inside {parent}: {where}"
+            if sc == "epoch":
+                phases_in_epoch = []
+            if sc in ("train", "valid"):
+                assert sc not in phases_in_epoch, f"phase twice in one epoch: {where}"
+                if sc == "valid":
+                    assert phases_in_epoch == ["train"], f"valid before train: {where}"
+                else:
+                    assert phases_in_epoch == [], f"train not first in its epoch: {where}"
+                phases_in_epoch.append(sc)
+            if sc.endswith("batch"):
+                last_inner = -1
+            stack.append(sc)
+        else:
+            assert stack and stack[-1] == sc, f"{stage} does not close the innermost open scope {stack!r}: {where}"
+            stack.pop()
+            if sc == "fit":
+                assert i == len(stream) - 1, f"events after on_fit_end: {where}"
+    if complete:
+        assert not stack, f"scopes left open: {stack!r} in {stream!r}"
+        assert stream and stream[-1] == "on_fit_end", f"on_fit_end is not the last event: {stream!r}"
+
+
+@dataclass
+class Scopes:
+    """Where each event of a stream sits: the scopes open at it and where they end."""
+
+    open_at: list[dict[str, int]]  # index -> {scope: index of its begin}
+    end_of: dict[int, int]  # index of a begin -> index of its end (absent: never closed)
+
+    def scope_at(self, index: int, sc: str) -> tuple[int, int | None]:
+        """(begin, end) of the ``sc`` scope open at ``index``; (-1, None) when none is."""
+        begin = self.open_at[index].get(sc, -1)
+        return begin, self.end_of.get(begin) if begin >= 0 else None
+
+
+def scopes(stream: list[str]) -> Scopes:
+    """Locate the scopes of a structurally valid stream (see :func:`check_structure`)."""
+    stack: list[tuple[str, int]] = []
+    open_at: list[dict[str, int]] = []
+    end_of: dict[int, int] = {}
+    for i, stage in enumerate(stream):
+        sc = scope_of(stage) if stage not in ONE_OFF else ""
+        if sc and stage.endswith("_begin"):
+            stack.append((sc, i))
+        open_at.append(dict(stack))
+        if sc and stage.endswith("_end") and stack and stack[-1][0] == sc:
+            end_of[stack.pop()[1]] = i
+    return Scopes(open_at, end_of)

@@ -1,0 +1,459 @@
+"""What data a Trainer accepts and how it batches it (DESIGN §5 Data, §8 Data)."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_iris
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+import corolux
+
+F = torch.nn.functional
+
+
+@functools.cache
+def _iris() -> tuple[torch.Tensor, torch.Tensor]:
+    d = load_iris()
+    x = torch.tensor(d.data, dtype=torch.float32)
+    return (x - x.mean(0)) / x.std(0), torch.tensor(d.target)
+
+
+def iris(n: int = 150) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = _iris()
+    return x[:n].clone(), y[:n].clone()
+
+
+def indexed(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real iris inputs whose targets are their row numbers (to see order and splits);
+    the loss is an MSE on the row number so any index is a valid target."""
+    x, _ = iris(n)
+    return x, torch.arange(n)
+
+
+def trainer_for(model: torch.nn.Module | None = None, **kwargs) -> corolux.Trainer:
+    kwargs.setdefault("loss_fn", F.cross_entropy)
+    kwargs.setdefault("optimizer", lambda p: torch.optim.SGD(p, lr=0.05))
+    kwargs.setdefault("device", "cpu")
+    kwargs.setdefault("progress", False)
+    return corolux.Trainer(model if model is not None else torch.nn.Linear(4, 3), **kwargs)
+
+
+def index_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(pred.squeeze(-1), target.float())
+
+
+class BatchLog(corolux.Callback):
+    """Records each batch's (phase, epoch, input, target) as the step sees it."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[str, int, object, object]] = []
+
+    def _log(self, ctx) -> None:
+        self.batches.append((ctx.phase, ctx.epoch, ctx.input, ctx.target))
+
+    on_train_batch_after_pred = _log
+    on_valid_batch_after_pred = _log
+
+    def targets(self, phase: str, epoch: int | None = None) -> list[torch.Tensor]:
+        return [t for p, e, _, t in self.batches if p == phase and (epoch is None or e == epoch)]
+
+    def sizes(self, phase: str, epoch: int | None = None) -> list[int]:
+        return [len(t) for t in self.targets(phase, epoch)]
+
+
+def fit_log(data, *, model=None, trainer_kwargs=None, **fit_kwargs) -> BatchLog:
+    log = BatchLog()
+    trainer_for(model, **(trainer_kwargs or {})).fit(data, callbacks=[log], **fit_kwargs)
+    return log
+
+
+# -- kinds of data -----------------------------------------------------------------------------
+
+
+def test_dataloader_is_used_as_it_is():
+    x, y = iris()
+    loader = DataLoader(TensorDataset(x, y), batch_size=40)
+    log = fit_log(loader, epochs=2)
+    assert log.sizes("train", 1) == [40, 40, 40, 30]
+    assert torch.equal(torch.cat(log.targets("train", 1)), y)  # not reshuffled by corolux
+
+
+def test_list_of_batches_is_used_as_it_is():
+    x, y = iris()
+    batches = [(x[i:i + 50], y[i:i + 50]) for i in range(0, 150, 50)]
+    log = fit_log(batches, epochs=2)
+    assert log.sizes("train", 1) == [50, 50, 50]
+    assert log.sizes("train", 2) == [50, 50, 50]
+    for (_, _, inp, tgt), (bx, by) in zip(log.batches[:3], batches, strict=True):
+        assert inp is bx and tgt is by
+
+
+def test_list_batches_may_be_lists():
+    x, y = iris()
+    log = fit_log([[x[:75], y[:75]], [x[75:], y[75:]]])
+    assert log.sizes("train") == [75, 75]
+
+
+class RowDataset(Dataset):
+    """A map-style dataset of (row, index) samples."""
+
+    def __init__(self, n: int) -> None:
+        self.x, self.y = indexed(n)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        return self.x[i], self.y[i]
+
+
+def _regressor() -> torch.nn.Module:
+    return torch.nn.Linear(4, 1)
+
+
+@pytest.mark.parametrize("kind", ["pair", "dataset", "numpy"])
+def test_batched_for_you_default_32_last_partial_kept_training_shuffled(kind):
+    n = 70
+    x, y = indexed(n)
+    data = {
+        "pair": (x, y),
+        "dataset": RowDataset(n),
+        "numpy": (x.numpy(), y.numpy()),
+    }[kind]
+    valid = {"pair": (x, y), "dataset": RowDataset(n), "numpy": (x.numpy(), y.numpy())}[kind]
+    log = fit_log(data, epochs=2, valid_data=valid, model=_regressor(),
+                  trainer_kwargs={"loss_fn": index_loss})
+    for epoch in (1, 2):
+        assert log.sizes("train", epoch) == [32, 32, 6]
+        assert log.sizes("valid", epoch) == [32, 32, 6]
+        seen = torch.cat(log.targets("train", epoch))
+        assert sorted(seen.tolist()) == list(range(n))  # every sample once per epoch
+        assert torch.cat(log.targets("valid", epoch)).tolist() == list(range(n))  # not shuffled
+    first, second = (torch.cat(log.targets("train", e)).tolist() for e in (1, 2))
+    assert first != list(range(n)) and second != list(range(n)) and first != second  # shuffled
+    inputs = [inp for p, _, inp, _ in log.batches if p == "train"]
+    assert all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 for t in inputs)
+
+
+@pytest.mark.parametrize("batch_size", [1, 10, 64, 500])
+def test_batch_size_for_a_pair(batch_size):
+    x, y = iris(64)
+    log = fit_log((x, y), batch_size=batch_size)
+    full, rest = divmod(64, batch_size)
+    assert log.sizes("train") == [batch_size] * full + ([rest] if rest else [])
+
+
+@pytest.mark.parametrize("batch_size", [0, -3, 2.5])
+def test_bad_batch_size_is_rejected(batch_size):
+    with pytest.raises((ValueError, TypeError), match="batch_size"):
+        trainer_for().fit(iris(), batch_size=batch_size)
+
+
+def test_numpy_pair_trains():
+    x, y = iris()
+    model = torch.nn.Linear(4, 3)
+    trainer = trainer_for(model, optimizer=lambda p: torch.optim.Adam(p, lr=0.05))
+    history = trainer.fit((x.numpy(), y.numpy()), epochs=5)
+    assert history["train_loss"][-1] < history["train_loss"][0]
+    result = trainer.evaluate((x.numpy(), y.numpy()))
+    assert result["loss"] == pytest.approx(F.cross_entropy(model(x), y).item(), rel=1e-5)
+
+
+def test_mismatched_pair_lengths_is_a_value_error():
+    x, y = iris()
+    with pytest.raises(ValueError, match="length"):
+        trainer_for().fit((x, y[:-1]))
+
+
+def test_dict_batches():
+    x, y = iris()
+    batches = [{"input": x[i:i + 50], "target": y[i:i + 50]} for i in range(0, 150, 50)]
+    log = fit_log(batches, epochs=1, valid_data=batches[:1])
+    assert log.sizes("train") == [50, 50, 50]
+    assert log.sizes("valid") == [50]
+    assert torch.equal(log.batches[0][2], x[:50]) and torch.equal(log.batches[0][3], y[:50])
+
+
+class DictDataset(Dataset):
+    def __init__(self) -> None:
+        self.x, self.y = iris()
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        return {"input": self.x[i], "target": self.y[i]}
+
+
+def test_dict_samples_batched_by_a_dataloader():
+    log = fit_log(DataLoader(DictDataset(), batch_size=50))
+    assert log.sizes("train") == [50, 50, 50]
+
+
+def test_dict_dataset_batched_by_corolux():
+    log = fit_log(DictDataset(), batch_size=100)
+    assert log.sizes("train") == [100, 50]
+
+
+def test_unpack_handles_any_layout():
+    x, y = iris()
+    batches = [{"features": x[i:i + 50], "label": y[i:i + 50], "id": i} for i in range(0, 150, 50)]
+    trainer = trainer_for(unpack=lambda b: (b["features"], b["label"]))
+    log = BatchLog()
+    trainer.fit(batches, callbacks=[log], valid_data=batches)
+    assert log.sizes("train") == [50, 50, 50]
+    assert torch.equal(log.batches[0][2], x[:50])
+    result = trainer.evaluate(batches)
+    assert set(result) == {"loss"}
+
+
+def test_unpack_reorders_a_pair():
+    x, y = iris()
+    trainer = trainer_for(unpack=lambda b: (b[1], b[0]))
+    log = BatchLog()
+    trainer.fit([(y, x)], callbacks=[log])
+    assert torch.equal(log.batches[0][2], x) and torch.equal(log.batches[0][3], y)
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [
+        "triple",
+        "dict_without_input",
+        "tensor",
+    ],
+)
+def test_a_batch_of_another_layout_names_unpack(batch):
+    x, y = iris()
+    bad = {
+        "triple": (x, y, y),
+        "dict_without_input": {"features": x, "label": y},
+        "tensor": x,
+    }[batch]
+    with pytest.raises(TypeError, match=r"Trainer\(unpack="):
+        trainer_for().fit([bad])
+
+
+def test_non_callable_unpack_is_rejected():
+    with pytest.raises(TypeError, match="unpack"):
+        trainer_for(unpack="input")
+
+
+@pytest.mark.parametrize("kind", ["dataloader", "list"])
+def test_batch_size_with_already_batched_data_is_a_value_error(kind):
+    x, y = iris()
+    data = DataLoader(TensorDataset(x, y), batch_size=10) if kind == "dataloader" else [(x, y)]
+    with pytest.raises(ValueError, match="batch_size"):
+        trainer_for().fit(data, batch_size=16)
+
+
+def test_batch_size_with_an_already_batched_evaluate_is_a_value_error():
+    x, y = iris()
+    with pytest.raises(ValueError, match="batch_size"):
+        trainer_for().evaluate([(x, y)], batch_size=16)
+
+
+# -- valid_data as a fraction ------------------------------------------------------------------
+
+
+def _split_targets(log: BatchLog) -> tuple[list[int], list[int]]:
+    train = torch.cat(log.targets("train", 1)).tolist()
+    valid = torch.cat(log.targets("valid", 1)).tolist()
+    return train, valid
+
+
+@pytest.mark.parametrize("kind", ["pair", "dataset"])
+def test_valid_fraction_splits_a_pair_or_dataset(kind):
+    n = 100
+    data = indexed(n) if kind == "pair" else RowDataset(n)
+    log = fit_log(data, valid_data=0.2, batch_size=16, epochs=2, model=_regressor(),
+                  trainer_kwargs={"loss_fn": index_loss})
+    train, valid = _split_targets(log)
+    assert len(train) == 80 and len(valid) == 20
+    assert sorted(train + valid) == list(range(n))  # disjoint, and nothing lost
+    assert log.sizes("train", 1) == [16] * 5
+    assert log.sizes("valid", 1) == [16, 4]
+    train2 = torch.cat(log.targets("train", 2)).tolist()
+    valid2 = torch.cat(log.targets("valid", 2)).tolist()
+    assert sorted(train2) == sorted(train)  # the same split every epoch
+    assert valid2 == valid
+    assert valid != sorted(valid) or train != sorted(train)  # a random split, not the tail
+
+
+def test_valid_fraction_split_is_the_same_on_every_run():
+    runs = []
+    for _ in range(2):
+        log = fit_log(indexed(60), valid_data=0.25, model=_regressor(),
+                      trainer_kwargs={"loss_fn": index_loss})
+        runs.append(sorted(torch.cat(log.targets("valid")).tolist()))
+    assert runs[0] == runs[1]
+    assert len(runs[0]) == 15
+
+
+def _tagging_collate(samples):
+    xs, ys = zip(*samples, strict=True)
+    return {"input": torch.stack(xs), "target": torch.stack(ys), "tag": "mine"}
+
+
+def test_valid_fraction_rebuilds_a_dataloader_keeping_batch_size_and_collate():
+    n = 100
+    x, y = indexed(n)
+    loader = DataLoader(TensorDataset(x, y), batch_size=7, shuffle=True, collate_fn=_tagging_collate)
+    seen = []
+
+    class Tags(corolux.Callback):
+        def on_train_batch_begin(self, ctx):
+            seen.append(("train", ctx.batch["tag"], len(ctx.target)))
+
+        def on_valid_batch_begin(self, ctx):
+            seen.append(("valid", ctx.batch["tag"], len(ctx.target)))
+
+        def on_fit_begin(self, ctx):
+            for data in (ctx.train_data, ctx.valid_data):
+                assert isinstance(data, DataLoader)
+                assert data.batch_size == 7
+                assert data.collate_fn is _tagging_collate
+
+    log = BatchLog()
+    trainer_for(_regressor(), loss_fn=index_loss).fit(loader, valid_data=0.2, callbacks=[Tags(), log])
+    assert {tag for _, tag, _ in seen} == {"mine"}
+    assert [s for p, _, s in seen if p == "train"] == [7] * 11 + [3]
+    assert [s for p, _, s in seen if p == "valid"] == [7, 7, 6]
+    train, valid = _split_targets(log)
+    assert sorted(train + valid) == list(range(n))
+    assert valid == sorted(valid)  # the validation loader is not shuffled
+
+
+def test_valid_fraction_of_a_list_is_a_type_error():
+    x, y = iris()
+    with pytest.raises(TypeError, match="valid_data"):
+        trainer_for().fit([(x, y)], valid_data=0.2)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, 1.5, -0.2])
+def test_valid_fraction_out_of_range_is_a_value_error(fraction):
+    with pytest.raises(ValueError, match="valid_data"):
+        trainer_for().fit(iris(), valid_data=fraction)
+
+
+# -- iterators, empty and wrong data --------------------------------------------------------------
+
+
+def test_one_shot_iterator_is_accepted_for_one_epoch():
+    x, y = iris()
+    batches = iter([(x[:75], y[:75]), (x[75:], y[75:])])
+    log = fit_log(batches, epochs=1)
+    assert log.sizes("train") == [75, 75]
+
+
+def test_generator_is_accepted_for_one_epoch_and_as_validation_data():
+    x, y = iris()
+    gen = ((x[i:i + 50], y[i:i + 50]) for i in range(0, 150, 50))
+    valid = ((x[i:i + 50], y[i:i + 50]) for i in range(0, 150, 50))
+    log = fit_log(gen, epochs=1, valid_data=valid)
+    assert log.sizes("train") == [50, 50, 50]
+    assert log.sizes("valid") == [50, 50, 50]
+
+
+@pytest.mark.parametrize("epochs", [2, (1, 3)])
+def test_one_shot_iterator_for_several_epochs_is_a_type_error(epochs):
+    x, y = iris()
+    with pytest.raises(TypeError, match=r"list.*Dataset.*DataLoader|DataLoader.*list"):
+        trainer_for().fit(iter([(x, y)]), epochs=epochs)
+
+
+def test_one_shot_validation_iterator_for_several_epochs_is_a_type_error():
+    x, y = iris()
+    with pytest.raises(TypeError, match="valid_data"):
+        trainer_for().fit([(x, y)], epochs=2, valid_data=iter([(x, y)]))
+
+
+@pytest.mark.parametrize(
+    "empty",
+    ["list", "pair", "dataset", "dataloader", "generator"],
+)
+def test_empty_data_is_a_value_error(empty):
+    data = {
+        "list": lambda: [],
+        "pair": lambda: (torch.empty(0, 4), torch.empty(0, dtype=torch.long)),
+        "dataset": lambda: TensorDataset(torch.empty(0, 4), torch.empty(0, dtype=torch.long)),
+        "dataloader": lambda: DataLoader(TensorDataset(torch.empty(0, 4), torch.empty(0))),
+        "generator": lambda: (b for b in []),
+    }[empty]()
+    with pytest.raises(ValueError, match="empty|no batches"):
+        trainer_for().fit(data)
+
+
+def test_empty_validation_data_is_a_value_error():
+    with pytest.raises(ValueError):
+        trainer_for().fit(iris(), valid_data=[])
+
+
+@pytest.mark.parametrize("bad", [42, object(), None, 3.5])
+def test_non_iterable_data_is_a_type_error(bad):
+    with pytest.raises(TypeError, match="train_data"):
+        trainer_for().fit(bad)
+
+
+def test_non_iterable_evaluate_data_is_a_type_error():
+    with pytest.raises(TypeError):
+        trainer_for().evaluate(42)
+
+
+# -- how the model is called ------------------------------------------------------------------
+
+
+class TwoInputs(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(2, 3)
+        self.b = torch.nn.Linear(2, 3)
+        self.calls: list[tuple[int, int]] = []
+
+    def forward(self, left, right):
+        self.calls.append((left.shape[0], right.shape[0]))
+        return self.a(left) + self.b(right)
+
+
+def test_tuple_input_is_spread_as_positional_arguments():
+    x, y = iris()
+    model = TwoInputs()
+    batches = [((x[i:i + 50, :2], x[i:i + 50, 2:]), y[i:i + 50]) for i in range(0, 150, 50)]
+    trainer = trainer_for(model)
+    history = trainer.fit(batches, epochs=2, valid_data=batches[:1])
+    assert model.calls[:3] == [(50, 50)] * 3
+    assert len(history["valid_loss"]) == 2
+    preds = trainer.predict([(inp,) for inp, _ in batches])
+    assert preds.shape == (150, 3)
+
+
+def test_list_input_is_spread_as_positional_arguments():
+    x, y = iris()
+    model = TwoInputs()
+    trainer_for(model).fit([([x[:, :2], x[:, 2:]], y)])
+    assert model.calls == [(150, 150)]
+
+
+def test_dict_input_is_spread_as_keyword_arguments():
+    x, y = iris()
+    model = TwoInputs()
+    batches = [({"right": x[i:i + 50, 2:], "left": x[i:i + 50, :2]}, y[i:i + 50]) for i in range(0, 150, 50)]
+    trainer = trainer_for(model)
+    trainer.fit(batches)
+    assert model.calls == [(50, 50)] * 3
+    result = trainer.evaluate(batches)
+    with torch.no_grad():
+        expected = F.cross_entropy(model.a(x[:, :2]) + model.b(x[:, 2:]), y)
+    assert result["loss"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_dict_batch_with_dict_input():
+    x, y = iris()
+    model = TwoInputs()
+    batches = [{"input": {"left": x[:, :2], "right": x[:, 2:]}, "target": y}]
+    trainer_for(model).fit(batches)
+    assert model.calls == [(150, 150)]
