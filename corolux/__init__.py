@@ -14,6 +14,7 @@ from corolux.context import Context as Context
 from corolux.control import SkipBatch as SkipBatch
 from corolux.control import SkipValidation as SkipValidation
 from corolux.control import StopTraining as StopTraining
+from corolux.debug import Stepper as Stepper
 from corolux.events import Event as Event
 from corolux.events import Stage as Stage
 from corolux.events import every as every
@@ -31,6 +32,7 @@ __all__ = [
     "SkipBatch",
     "SkipValidation",
     "Stage",
+    "Stepper",
     "StopTraining",
     "Trainer",
     "__version__",

@@ -88,7 +88,8 @@ class Context:
         self.autocast: Callable[[], Any] | None = None
         #: Splits a batch into (input, target).
         self.unpack: Callable[[Any], tuple[Any, Any]] = _unpack_default
-        self._stages = stages
+        #: Every stage name this run knows: the built-in ones and the trainer's custom ones.
+        self.stages = stages
         self._check_loss = True
         self._params: dict[int, list[torch.Tensor]] = {}
         self._in_batch = False
@@ -136,10 +137,10 @@ class Context:
     def emit(self, stage: str) -> None:
         """Ask for a one-off event (``on_early_stopping`` or a custom stage): its
         handlers run, and the consumer receives it, right after the current event."""
-        if stage not in self._stages:
+        if stage not in self.stages:
             from corolux._suggest import unknown_stage_message
 
-            raise ValueError(unknown_stage_message(stage, "ctx.emit()", self._stages))
+            raise ValueError(unknown_stage_message(stage, "ctx.emit()", self.stages))
         self._emitted.append(stage)
         self._attention = True
 

@@ -10,8 +10,12 @@ to costs one dict look-up and two attribute writes.
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 import warnings
-from collections.abc import Callable, Collection, Generator, Iterable, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from corolux._suggest import unknown_stage_message
@@ -20,9 +24,10 @@ from corolux.context import Context
 from corolux.control import ControlSignal
 from corolux.events import Event, Filter, Stage
 
-__all__ = ["Driver", "check_callbacks"]
+__all__ = ["Driver", "check_callbacks", "context_of", "graceful_sigint"]
 
 _NEVER = float("inf")
+Loop = Generator[Stage | str, None, None]
 
 
 def _display(cb: Any) -> str:
@@ -139,6 +144,15 @@ class Driver:
             self._wait(co, first)
 
     # -- the run -------------------------------------------------------------------------------
+
+    def start(
+        self, make_loop: Callable[[], Generator[Stage | str, None, None]]
+    ) -> Generator[Event, None, None]:
+        """Return the run's event generator (what ``Trainer.run()`` returns); nothing runs
+        until its first ``next()``. ``context_of(gen)`` finds this run's ``ctx``."""
+        gen = self.events(make_loop)
+        _CONTEXTS[gen] = self.ctx
+        return gen
 
     def events(
         self, make_loop: Callable[[], Generator[Stage | str, None, None]]
@@ -393,3 +407,37 @@ _METHOD = {
     "SkipBatch": "skip_batch",
     "SkipValidation": "skip_validation",
 }
+
+
+_CONTEXTS: weakref.WeakKeyDictionary[Generator[Event, None, None], Context] = weakref.WeakKeyDictionary()
+
+
+def context_of(events: Iterator[Event]) -> Context | None:
+    """The context of a run generator made by ``Trainer.run()`` (and its siblings), known
+    before its first event; None for any other iterator."""
+    try:
+        return _CONTEXTS.get(events)  # type: ignore[call-overload]
+    except TypeError:  # not weak-referenceable: not one of ours
+        return None
+
+
+@contextlib.contextmanager
+def graceful_sigint(ctx: Context) -> Iterator[None]:
+    """While inside, a first Ctrl-C asks the loop for a graceful stop at the next event; a
+    second restores the default handler and aborts at once. Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        ctx._sigint_count += 1
+        if ctx._sigint_count >= 2 or ctx._interrupted:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        ctx.request_interrupt()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

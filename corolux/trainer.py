@@ -6,11 +6,8 @@ Every entry point drives the same loop generator (``corolux.loop``) through a ``
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import random
-import signal
-import threading
 import warnings
 import weakref
 from collections import deque
@@ -26,7 +23,7 @@ from corolux.callbacks.progress import attached_to_terminal
 from corolux.context import Context
 from corolux.data import default_unpack, resolve_data, split_validation
 from corolux.distributed import is_main_process
-from corolux.driver import Driver
+from corolux.driver import Driver, graceful_sigint
 from corolux.events import TRAIN_STEP_STAGES, VALID_STEP_STAGES, Event, Stage
 from corolux.history import History
 from corolux.metrics import check_metric, metric_name
@@ -419,7 +416,7 @@ class Trainer:
             )
 
     def _start(self, driver: Driver, make_loop: Callable[[], loop.Loop]) -> Generator[Event, None, None]:
-        gen = driver.events(make_loop)
+        gen = driver.start(make_loop)
         self._open_run = weakref.ref(gen)
         return gen
 
@@ -439,28 +436,6 @@ class Trainer:
             f"Trainer({type(self.model).__name__}, device={str(self.device)!r}, "
             f"optimizers={list(self.optimizers)}, precision={self.precision!r})"
         )
-
-
-@contextlib.contextmanager
-def graceful_sigint(ctx: Context) -> Iterator[None]:
-    """While inside, a first Ctrl-C asks the loop for a graceful stop at the next event; a
-    second restores the default handler and aborts at once. Main thread only."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def on_sigint(signum: int, frame: Any) -> None:
-        ctx._sigint_count += 1
-        if ctx._sigint_count >= 2 or ctx._interrupted:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            raise KeyboardInterrupt
-        ctx.request_interrupt()
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 # -- resolving arguments -----------------------------------------------------------------------

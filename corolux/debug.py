@@ -1,0 +1,463 @@
+"""Stepper: walk through one run event by event in a REPL; look at ``ctx``, change it, resume.
+
+A ``Stepper`` is one more driver of the generator that ``Trainer.run()`` returns, like
+``fit()`` and a ``for`` loop: callbacks run exactly as under ``fit()``, and nothing in the
+loop or the driver knows about it, so a run without a stepper pays nothing for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections import deque
+from collections.abc import Callable, Collection, Iterator
+from typing import TYPE_CHECKING, Any
+
+from corolux._suggest import unknown_stage_message
+from corolux.context import Context
+from corolux.driver import context_of, graceful_sigint
+from corolux.events import ONE_OFF_STAGES, Event, Stage
+
+if TYPE_CHECKING:
+    from corolux.history import History
+
+__all__ = ["Stepper", "position"]
+
+#: Target of :meth:`Stepper.until`: a stage name, a collection of names, or a predicate.
+Target = str | Collection[str] | Callable[[Event], Any] | None
+
+_BUILTIN = frozenset(Stage)
+_PHASES = ("train", "valid", "predict")
+# Stages that belong to a phase (its begin/end and everything between) and to a batch.
+_PHASE_STAGES = frozenset(s for s in Stage if s.value.split("_")[1] in _PHASES)
+_BATCH_STAGES = frozenset(s for s in Stage if "_batch_" in s.value)
+_PHASE_BEGINS = frozenset(Stage(f"on_{phase}_begin") for phase in _PHASES)
+_PHASE_ENDS = frozenset(Stage(f"on_{phase}_end") for phase in _PHASES)
+# step() and until() hand back control at these even when they are not the target.
+_PAUSE_ALWAYS = frozenset({Stage.on_exception, Stage.on_interrupt})
+
+
+def position(ctx: Context, stage: str, *, in_phase: bool = False) -> str:
+    """One line saying where ``stage`` is in the run: epoch, phase, batch, stage.
+
+    The batch count reads ``5/?`` when the data has no length. ``in_phase`` says that a
+    phase is open, for the stages that may come anywhere (``on_interrupt``, custom ones).
+
+    Example:
+        >>> position(ctx, "on_train_batch_after_loss")      # doctest: +SKIP
+        'epoch 2/10 · train · batch 5/32 · on_train_batch_after_loss'
+    """
+    parts = []
+    if ctx.max_epochs and ctx.epoch:  # a fit run, past on_fit_begin
+        parts.append(f"epoch {ctx.epoch}/{ctx.max_epochs}")
+    # ctx._in_batch is the loop's own flag: it also covers custom and one-off stages.
+    in_batch = stage in _BATCH_STAGES or bool(getattr(ctx, "_in_batch", False))
+    if ctx.phase and (in_batch or in_phase or stage in _PHASE_STAGES):
+        parts.append(ctx.phase)
+    if in_batch:
+        total = "?" if ctx.num_batches is None else ctx.num_batches
+        parts.append(f"batch {ctx.iter}/{total}")
+    parts.append(str(stage))
+    return " · ".join(parts)
+
+
+class Stepper:
+    """Step through a run in a REPL: pause at any stage, look at ``ctx``, change it, resume.
+
+    Build one with ``corolux.Stepper(trainer.run(...))`` or ``trainer.stepper(...)`` (the
+    same arguments as ``run``). Nothing runs until the first :meth:`step`, :meth:`until`
+    or :meth:`finish`; callbacks run exactly as under ``fit()``. Each call installs the
+    Ctrl-C handler of ``fit()`` for its duration: a first Ctrl-C makes the loop stop
+    gracefully and the call pauses at ``on_interrupt``; a second one aborts the run. At the
+    prompt, between calls, Ctrl-C is the ordinary ``KeyboardInterrupt`` and leaves the run
+    paused.
+
+    ``step()`` and ``until()`` also pause at ``on_exception`` (an error is escaping: look at
+    ``ctx``, then ``step()`` re-raises it) and at ``on_interrupt``, even when those are not
+    what they were asked for. When the run ends before the target, they print what
+    happened and return None; they never raise ``StopIteration`` and never hang.
+
+    Args:
+        events: the generator of ``Trainer.run()`` (or ``run_evaluate()``, ``run_predict()``).
+
+    Example:
+        >>> import torch, corolux
+        >>> trainer = corolux.Trainer(torch.nn.Linear(4, 1), loss_fn=torch.nn.functional.mse_loss,
+        ...     optimizer=lambda p: torch.optim.SGD(p, lr=0.1), device="cpu", progress=False)
+        >>> x, y = torch.randn(64, 4), torch.randn(64, 1)
+        >>> s = trainer.stepper((x, y), epochs=3, batch_size=8)
+        >>> s.until("on_train_batch_after_loss", when=lambda ctx: ctx.iter == 5)
+        Event('on_train_batch_after_loss', epoch=1, iter=5)
+        >>> s
+        <Stepper epoch 1/3 · train · batch 5/8 · on_train_batch_after_loss>
+        >>> s.ctx.loss = s.ctx.loss * 0          # this batch's backward sees the new loss
+        >>> len(s.finish())                      # the history: one record per epoch
+        3
+    """
+
+    def __init__(self, events: Iterator[Event]) -> None:
+        if not isinstance(events, Iterator):
+            hint = (
+                "trainer.stepper(data, epochs=...) or corolux.Stepper(trainer.run(data, epochs=...))"
+                if hasattr(events, "run")
+                else "corolux.Stepper(trainer.run(data, epochs=...))"
+            )
+            raise TypeError(f"Stepper takes the generator of a run, got {type(events).__name__}; use {hint}")
+        self._events = events
+        self._event: Event | None = None
+        self._ctx: Context | None = context_of(events)
+        self._end: str | None = None  # why the run is over, once it is
+        self._stack: contextlib.ExitStack | None = None  # set during a call
+        self._guarded = False
+        self._in_phase = False  # between an on_<phase>_begin and its end, as seen here
+
+    # -- looking -------------------------------------------------------------------------------
+
+    @property
+    def ctx(self) -> Context:
+        """The live context of the run: what you assign takes effect when the run resumes.
+
+        Raises:
+            RuntimeError: when the stepper cannot know it before the first event.
+        """
+        if self._ctx is None:
+            raise RuntimeError("the run has not started yet: step() takes it to its first event")
+        return self._ctx
+
+    @property
+    def event(self) -> Event | None:
+        """The event the run is paused at (None before the first one)."""
+        return self._event
+
+    @property
+    def finished(self) -> bool:
+        """True once the run is over (ended, closed, aborted or failed)."""
+        return self._end is not None
+
+    def where(self) -> str:
+        """Return one line saying where the run is paused.
+
+        ``"epoch 2/10 · train · batch 5/32 · on_train_batch_after_loss"`` (``batch 5/?``
+        when the data has no length); ``"not started"``; ``"finished"`` (or ``"closed"``,
+        ``"aborted by Ctrl-C"``, ``"failed: ..."``) once the run is over.
+        """
+        if self._end is not None:
+            return self._end
+        stage = self._stage()
+        if stage is None:
+            return "not started"
+        assert self._ctx is not None
+        return position(self._ctx, stage, in_phase=self._in_phase)
+
+    def show(self) -> None:
+        """Print where the run is, then the tree of stages with the current one marked ``-->``."""
+        print(self.where())
+        current = None if self._end is not None else self._stage()
+        for depth, stage in _tree(self._ctx):
+            if depth < 0:
+                print(f"    {stage}")
+                continue
+            marker = "--> " if stage == current else "    "
+            print(f"{marker}{'  ' * depth}{stage}")
+
+    def __repr__(self) -> str:
+        return f"<Stepper {self.where()}>"
+
+    # -- moving --------------------------------------------------------------------------------
+
+    def step(self, n: int = 1) -> Event | None:
+        """Advance ``n`` events (callbacks run as in ``fit``) and return the last one.
+
+        Stops early at ``on_exception`` and ``on_interrupt``. Returns None, with a message,
+        when the run ends first.
+
+        Raises:
+            ValueError: when ``n`` is not an integer >= 1.
+        """
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"step(n): n must be an integer >= 1, got {n!r}")
+        if self._end is not None:
+            self._over(f"step({n})")
+            return None
+        with self._call():
+            for i in range(1, n + 1):
+                event = self._advance()
+                if event is None:
+                    self._ended(f"step({n})" if n == 1 else f"step({n}) after {i - 1} event(s)")
+                    return None
+                if i < n and event.stage in _PAUSE_ALWAYS:
+                    self._paused_early(event, f"step({n}) after {i} event(s)")
+                    return event
+            return event
+
+    def until(self, target: Target = None, *, when: Callable[[Context], Any] | None = None) -> Event | None:
+        """Advance to the next event that matches, and return it.
+
+        Args:
+            target: a stage name (``"on_train_batch_after_loss"``), a collection of names
+                (the first of any), or a predicate ``fn(event) -> bool``; None matches any
+                stage (give ``when`` then).
+            when: a predicate ``fn(ctx) -> bool`` that the event must also satisfy, e.g.
+                ``when=lambda ctx: ctx.iter == 5``.
+
+        Returns:
+            The matching event, the ``on_exception`` or ``on_interrupt`` event where the
+            run had to pause first, or None (with a message) when the run ended without a
+            match. It always advances at least one event.
+
+        Raises:
+            ValueError: a stage name the run does not know (with a suggestion), or one it
+                can never reach (``on_valid_*`` without validation data); checked before
+                anything runs.
+            TypeError: a target or ``when`` of the wrong kind.
+        """
+        matches, label = self._matcher(target, when)
+        if self._end is not None:
+            self._over(label)
+            return None
+        with self._call():
+            while True:
+                event = self._advance()
+                if event is None:
+                    self._ended(f"{label}: no match")
+                    return None
+                if matches(event):
+                    return event
+                if event.stage in _PAUSE_ALWAYS:
+                    self._paused_early(event, label)
+                    return event
+
+    def finish(self) -> History | None:
+        """Run to the end (callbacks as in ``fit``) and return the history (``ctx.history``).
+
+        An escaping error propagates, as in ``fit()``. A run stopped by Ctrl-C returns its
+        history with ``history.interrupted = True`` and a warning. For ``run_evaluate()``
+        and ``run_predict()`` the results are in ``ctx.metrics`` and ``ctx.predictions``.
+        """
+        if self._end is None:
+            with self._call():
+                if self._ctx is None:
+                    self._advance()  # learn ctx: Ctrl-C is handled from here on
+                if self._end is None:
+                    try:
+                        last = deque(self._events, maxlen=1)  # the rest, at C speed
+                    except BaseException as exc:
+                        self._end = _failure(exc)
+                        raise
+                    if last:
+                        self._event = last[0]
+                    self._end = "finished"
+        if self._ctx is None:
+            return None
+        history = self._ctx.history
+        if history.interrupted:
+            warnings.warn(
+                f"training interrupted by Ctrl-C in epoch {self._ctx.epoch}; returning the "
+                f"history of the {len(history)} epoch(s) recorded",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return history
+
+    def close(self) -> None:
+        """Abandon the run: nothing more is yielded, cleanup runs (teardown, files, bars),
+        and the trainer can start another run. Closing twice is harmless."""
+        if self._end is None:
+            self._end = "closed"
+            close = getattr(self._events, "close", None)
+            if close is not None:
+                close()
+
+    def __enter__(self) -> Stepper:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _stage(self) -> str | None:
+        if self._event is not None:
+            return self._event.stage
+        # A run already partly iterated before it was handed to the stepper.
+        return None if self._ctx is None else self._ctx.stage
+
+    @contextlib.contextmanager
+    def _call(self) -> Iterator[None]:
+        """The duration of one call: Ctrl-C asks for a graceful stop; a second one aborts."""
+        with contextlib.ExitStack() as stack:
+            self._stack = stack
+            self._guard()
+            try:
+                yield
+            except KeyboardInterrupt:
+                if self._end is None:  # it landed in the stepper's code, between two events
+                    self._end = "aborted by Ctrl-C"
+                    close = getattr(self._events, "close", None)
+                    if close is not None:
+                        close()
+                raise
+            finally:
+                self._stack = None
+                self._guarded = False
+
+    def _guard(self) -> None:
+        if self._stack is not None and not self._guarded and self._ctx is not None:
+            self._stack.enter_context(graceful_sigint(self._ctx))
+            self._guarded = True
+
+    def _advance(self) -> Event | None:
+        """The next event, or None at the end of the run. Never leaks StopIteration."""
+        try:
+            event = next(self._events)
+        except StopIteration:
+            self._end = "finished"
+            return None
+        except BaseException as exc:  # a generator that raised is over
+            self._end = _failure(exc)
+            raise
+        self._event = event
+        stage = event.stage
+        if stage in _PHASE_BEGINS:
+            self._in_phase = True
+        elif stage in _PHASE_ENDS:
+            self._in_phase = False
+        if self._ctx is None:
+            self._ctx = event.ctx
+            self._guard()
+        return event
+
+    def _matcher(
+        self, target: Target, when: Callable[[Context], Any] | None
+    ) -> tuple[Callable[[Event], bool], str]:
+        """Check ``until``'s arguments; return the match function and a label for messages."""
+        if when is not None and not callable(when):
+            raise TypeError(f"until(when=...) takes a predicate fn(ctx) -> bool, got {when!r}")
+        label_when = "" if when is None else f", when={_name(when)}"
+        test: Callable[[Event], Any]
+        if target is None:
+            if when is None:
+                raise TypeError(
+                    "until() needs a stage name, a collection of them, a predicate on the "
+                    "event, or when=fn(ctx); e.g. until('on_train_batch_after_loss')"
+                )
+            label = f"until(when={_name(when)})"
+            test = _always
+        elif isinstance(target, str):
+            self._check_names((target,))
+            label = f"until({str(target)!r}{label_when})"
+            test = lambda event: event.stage == target
+        elif callable(target):
+            label = f"until({_name(target)}{label_when})"
+            test = target
+        elif isinstance(target, Collection) and target and all(isinstance(t, str) for t in target):
+            names = frozenset(target)
+            self._check_names(names)
+            label = f"until({sorted(map(str, names))!r}{label_when})"
+            test = lambda event: event.stage in names
+        else:
+            raise TypeError(
+                f"until() takes a stage name, a non-empty collection of stage names, or a "
+                f"predicate fn(event) -> bool, got {target!r}; for every n-th event, use e.g. "
+                "until('on_train_batch_end', when=lambda ctx: ctx.iter % 100 == 0)"
+            )
+        if when is None:
+            return (lambda event: bool(test(event))), label
+        return (lambda event: bool(test(event)) and bool(when(event.ctx))), label
+
+    def _check_names(self, names: Collection[str]) -> None:
+        ctx = self._ctx
+        # The trainer's full stage set (Stage plus its custom stages) once the context is known.
+        known: frozenset[str] = _BUILTIN if ctx is None else ctx.stages or _BUILTIN
+        for name in names:
+            if name not in known:
+                raise ValueError(unknown_stage_message(name, "Stepper.until()", known))
+        if ctx is None:
+            return
+        unreachable = _unreachable(ctx)
+        if all(name in unreachable for name in names):
+            first = min(names)
+            raise ValueError(f"Stepper.until(): this run never reaches {str(first)!r}: {unreachable[first]}")
+
+    def _ended(self, what: str) -> None:
+        last = "" if self._event is None else f" (its last event was {str(self._event.stage)!r})"
+        print(f"{what}: the run has ended{last}; finish() returns the history")
+
+    def _over(self, what: str) -> None:
+        print(f"{what}: the run is over ({self._end}); start another with trainer.stepper(...)")
+
+    def _paused_early(self, event: Event, what: str) -> None:
+        if event.stage == Stage.on_exception:
+            print(
+                f"{what}: paused at on_exception: {event.ctx.exception!r} is escaping; look "
+                "at ctx (ctx.exception, ctx.batch, ...), then step() re-raises it"
+            )
+        else:
+            print(
+                f"{what}: paused at on_interrupt (Ctrl-C): the run is stopping gracefully; "
+                "finish() ends it and returns the history"
+            )
+
+
+def _unreachable(ctx: Context) -> dict[str, str]:
+    """Built-in stages this run can never yield, each with the reason."""
+    if ctx.max_epochs:
+        reasons: dict[str, str] = {s: "fit runs do not predict" for s in Stage if s.startswith("on_predict_")}
+        if ctx.valid_data is None:
+            reasons.update(
+                (s, "it has no validation data (pass valid_data=...)")
+                for s in Stage
+                if s.startswith("on_valid_")
+            )
+        return reasons
+    kind = "valid" if ctx.valid_data is not None else "predict"
+    reason = f"it is a run_{'evaluate' if kind == 'valid' else 'predict'}() run"
+    return {
+        s: reason
+        for s in Stage
+        if (s in _PHASE_STAGES and not s.startswith(f"on_{kind}_")) or s.scope in ("fit", "epoch")
+    }
+
+
+def _tree(ctx: Context | None) -> list[tuple[int, str]]:
+    """The stages of this run's kind as ``(depth, stage)``, in order; depth -1 for headings
+    of the stages outside the nesting."""
+
+    def phase(name: str, depth: int) -> list[tuple[int, str]]:
+        inner = [s for s in Stage if s.startswith(f"on_{name}_batch_") and not (s.is_begin or s.is_end)]
+        return [
+            (depth, Stage(f"on_{name}_begin")),
+            (depth + 1, Stage(f"on_{name}_batch_begin")),
+            *((depth + 2, s) for s in inner),
+            (depth + 1, Stage(f"on_{name}_batch_end")),
+            (depth, Stage(f"on_{name}_end")),
+        ]
+
+    if ctx is None or ctx.max_epochs:
+        epoch = phase("train", 2)
+        if ctx is None or ctx.valid_data is not None:
+            epoch += phase("valid", 2)
+        lines = [(0, Stage.on_fit_begin), (1, Stage.on_epoch_begin), *epoch]
+        lines += [(1, Stage.on_epoch_end), (0, Stage.on_fit_end)]
+    else:
+        lines = phase("valid" if ctx.valid_data is not None else "predict", 0)
+    lines.append((-1, "outside the nesting:"))
+    lines.extend((1, s) for s in Stage if s in ONE_OFF_STAGES)
+    custom = sorted(s for s in (ctx.stages if ctx is not None else ()) if s not in _BUILTIN)
+    if custom:
+        lines.append((-1, "custom stages of this trainer:"))
+        lines.extend((1, s) for s in custom)
+    return lines
+
+
+def _failure(exc: BaseException) -> str:
+    """How ``where()`` tells a run that ended with ``exc``."""
+    return "aborted by Ctrl-C" if isinstance(exc, KeyboardInterrupt) else f"failed: {exc!r}"
+
+
+def _always(event: Event) -> bool:
+    return True
+
+
+def _name(fn: Any) -> str:
+    return getattr(fn, "__name__", None) or repr(fn)
