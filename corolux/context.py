@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -200,7 +199,7 @@ class Context:
     def log(self, name: str, value: Any) -> None:
         """Record a custom value in this epoch's history (``history[name]``).
 
-        Tensors are converted to floats when the epoch's record is written.
+        A one-element tensor reads back from the history as a float.
         """
         if not isinstance(name, str) or not name:
             raise TypeError(f"log(): name must be a non-empty string, got {name!r}")
@@ -211,7 +210,7 @@ class Context:
     def commit_epoch(self) -> None:
         """Write this epoch's metrics into the history (called once per epoch, at its end)."""
         record = {"epoch": self.epoch}
-        record.update((k, _to_python(v)) for k, v in self.metrics.items())
+        record.update(self.metrics)
         self.metrics = record
         self.history.append(record)
 
@@ -220,11 +219,3 @@ class Context:
             f"<Context stage={self.stage!r} epoch={self.epoch}/{self.max_epochs} "
             f"phase={self.phase!r} iter={self.iter} step={self.step}>"
         )
-
-
-def _to_python(value: Any) -> Any:
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return float(value.detach())  # sync-ok: once per epoch
-    if isinstance(value, float) and math.isnan(value):
-        return math.nan
-    return value

@@ -163,7 +163,8 @@ class Driver:
         slots = self.slots
         loop = None
         escaping: BaseException | None = None
-        training = ctx.model.training  # the loop switches modes; the run restores this one
+        # The loop switches train/eval mode; the run restores each submodule's own mode.
+        modes = [(module, module.training) for module in ctx.model.modules()]
         try:
             self._call_each("setup")
             loop = make_loop()
@@ -207,7 +208,8 @@ class Driver:
         finally:
             if loop is not None:
                 loop.close()
-            ctx.model.train(training)
+            for module, training in modes:
+                module.training = training
             self._close_coroutines()
             self._call_each("teardown", escaping)
 

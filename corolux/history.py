@@ -45,7 +45,7 @@ class History:
     def __getitem__(self, name: str) -> list[Any]:
         if name != "epoch" and name not in self.names:
             raise KeyError(f"no metric {name!r} in the history; recorded: {self.names or 'none yet'}")
-        return [record.get(name, math.nan) for record in self.records]
+        return [_plain(record.get(name, math.nan)) for record in self.records]
 
     def __contains__(self, name: object) -> bool:
         return name == "epoch" or name in self.names
@@ -59,7 +59,7 @@ class History:
     def last(self, name: str, default: Any = None) -> Any:
         """The value of ``name`` in the last epoch that recorded it, else ``default``."""
         for record in reversed(self.records):
-            value = record.get(name)
+            value = _plain(record.get(name))
             if value is not None and not (isinstance(value, float) and math.isnan(value)):
                 return value
         return default
@@ -116,3 +116,10 @@ class History:
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v!r}" for k, v in last.items())
         flag = ", interrupted" if self.interrupted else ""
         return f"History({len(self.records)} epochs{flag}; last: {shown})"
+
+
+def _plain(value: Any) -> Any:
+    """A one-element tensor logged with ``ctx.log`` reads as a Python float."""
+    if getattr(value, "numel", None) is not None and value.numel() == 1:
+        return float(value.detach())  # sync-ok: reading the history, off the training path
+    return value

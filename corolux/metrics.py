@@ -15,7 +15,19 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["MAE", "MSE", "RMSE", "Accuracy", "LossTracker", "Mean", "Metric", "metric_name"]
+__all__ = [
+    "MAE",
+    "MSE",
+    "RMSE",
+    "Accuracy",
+    "BinaryAUROC",
+    "BinaryAccuracy",
+    "LossTracker",
+    "Mean",
+    "Metric",
+    "MulticlassAUROC",
+    "metric_name",
+]
 
 
 @runtime_checkable
@@ -80,6 +92,161 @@ class Accuracy(_SumMetric):
                 "for binary outputs use BinaryAccuracy"
             )
         self._add(pred.argmax(dim=-1) == target, target.numel())
+
+
+class BinaryAccuracy(_SumMetric):
+    """Binary accuracy: ``(pred >= threshold) == target`` for probabilities (or logits with
+    ``from_logits=True``); pred of shape (N,) or (N, 1), targets 0/1."""
+
+    name = "binary_acc"
+    higher_is_better = True
+
+    def __init__(self, threshold: float = 0.5, *, from_logits: bool = False, name: str | None = None) -> None:
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"BinaryAccuracy: threshold must be in (0, 1), got {threshold!r}")
+        self.threshold = threshold
+        self.from_logits = from_logits
+        super().__init__(name)
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        pred, target = _binary(pred, target, self.from_logits, type(self).__name__)
+        self._add((pred >= self.threshold) == (target >= 0.5), target.numel())
+
+
+def _binary(
+    pred: torch.Tensor, target: torch.Tensor, from_logits: bool, who: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if pred.numel() != target.numel():
+        raise ValueError(
+            f"{who} expects one score per target (pred (N,) or (N, 1)), got pred {tuple(pred.shape)} "
+            f"and target {tuple(target.shape)}; for class scores use Accuracy or MulticlassAUROC"
+        )
+    pred = pred.detach().reshape(-1).float()
+    return (pred.sigmoid() if from_logits else pred), target.detach().reshape(-1)
+
+
+class _BinnedAUROC:
+    """Area under the ROC curve from score histograms kept on the device: ``num_thresholds``
+    bins over [0, 1], filled with ``index_add_`` (no sync); ``compute()`` reduces once."""
+
+    higher_is_better = True
+
+    def __init__(self, num_thresholds: int, from_logits: bool, name: str | None) -> None:
+        if not isinstance(num_thresholds, int) or num_thresholds < 2:
+            raise ValueError(
+                f"{type(self).__name__}: num_thresholds must be an int >= 2, got {num_thresholds!r}"
+            )
+        self.num_thresholds = num_thresholds
+        self.from_logits = from_logits
+        self.name = name or "auroc"
+        self.reset()
+
+    def reset(self) -> None:
+        self.positives: torch.Tensor | None = None
+        self.negatives: torch.Tensor | None = None
+
+    def _fill(
+        self, scores: torch.Tensor, is_positive: torch.Tensor, rows: int, offsets: torch.Tensor | int
+    ) -> None:
+        """Count each score in its bin, per row (class); ``is_positive`` is 0/1 per score."""
+        bins = self.num_thresholds
+        if self.positives is None:
+            self.positives = torch.zeros(rows * bins, device=scores.device)
+            self.negatives = torch.zeros(rows * bins, device=scores.device)
+        assert self.negatives is not None
+        index = (scores.clamp(0, 1) * (bins - 1)).round().long() + offsets
+        weight = is_positive.float()
+        self.positives.index_add_(0, index.reshape(-1), weight.reshape(-1))
+        self.negatives.index_add_(0, index.reshape(-1), (1 - weight).reshape(-1))
+
+    @staticmethod
+    def _area(positives: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+        """AUROC per row of (rows, bins) histograms: trapezoids of the ROC curve swept from
+        the highest threshold down; nan for a row without positives or negatives."""
+        tp = positives.flip(-1).cumsum(-1)
+        fp = negatives.flip(-1).cumsum(-1)
+        tpr = tp / tp[..., -1:]
+        fpr = fp / fp[..., -1:]
+        zero = torch.zeros_like(tpr[..., :1])
+        tpr, fpr = torch.cat([zero, tpr], -1), torch.cat([zero, fpr], -1)
+        return ((fpr[..., 1:] - fpr[..., :-1]) * (tpr[..., 1:] + tpr[..., :-1]) / 2).sum(-1)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(num_thresholds={self.num_thresholds}, name={self.name!r})"
+
+
+class BinaryAUROC(_BinnedAUROC):
+    """Area under the ROC curve for one score per sample (probabilities, or logits with
+    ``from_logits=True``), binned over ``num_thresholds`` thresholds."""
+
+    def __init__(
+        self, num_thresholds: int = 200, *, from_logits: bool = False, name: str | None = None
+    ) -> None:
+        super().__init__(num_thresholds, from_logits, name)
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        scores, target = _binary(pred, target, self.from_logits, type(self).__name__)
+        self._fill(scores, target >= 0.5, 1, 0)
+
+    def compute(self) -> float:
+        if self.positives is None or self.negatives is None:
+            return math.nan
+        return float(self._area(self.positives, self.negatives))  # sync-ok: once per phase
+
+
+class MulticlassAUROC(_BinnedAUROC):
+    """One-vs-rest AUROC for class scores (N, C) (probabilities, or logits with
+    ``from_logits=True``: softmax) and class-index targets (N,).
+
+    ``average``: ``"macro"`` (mean over classes), ``"weighted"`` (by class support),
+    ``"micro"`` (all classes pooled) or ``"none"`` (a list, one value per class).
+    """
+
+    AVERAGES = ("macro", "weighted", "micro", "none")
+
+    def __init__(
+        self,
+        num_thresholds: int = 200,
+        *,
+        average: str = "macro",
+        from_logits: bool = False,
+        name: str | None = None,
+    ) -> None:
+        if average not in self.AVERAGES:
+            raise ValueError(f"MulticlassAUROC: average must be one of {self.AVERAGES}, got {average!r}")
+        self.average = average
+        self.classes = 0
+        super().__init__(num_thresholds, from_logits, name)
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        if pred.ndim != 2 or target.shape != pred.shape[:1]:
+            raise ValueError(
+                f"MulticlassAUROC expects pred (N, C) and target (N,) of class indices, got pred "
+                f"{tuple(pred.shape)} and target {tuple(target.shape)}"
+            )
+        scores = pred.detach().float()
+        if self.from_logits:
+            scores = scores.softmax(-1)
+        self.classes = scores.shape[1]
+        onehot = torch.nn.functional.one_hot(target.detach().long(), self.classes)
+        offsets = torch.arange(self.classes, device=scores.device) * self.num_thresholds
+        self._fill(scores, onehot, self.classes, offsets)
+
+    def compute(self) -> float | list[float]:
+        if self.positives is None or self.negatives is None:
+            return math.nan
+        positives = self.positives.view(self.classes, -1)
+        negatives = self.negatives.view(self.classes, -1)
+        if self.average == "micro":
+            return float(self._area(positives.sum(0), negatives.sum(0)))  # sync-ok: once per phase
+        per_class = self._area(positives, negatives)
+        if self.average == "none":
+            return per_class.tolist()  # sync-ok: once per phase
+        support = positives.sum(-1)
+        valid = ~per_class.isnan()
+        weights = support if self.average == "weighted" else torch.ones_like(support)
+        weights = weights * valid
+        return float((per_class.nan_to_num() * weights).sum() / weights.sum())  # sync-ok: once per phase
 
 
 class Mean(_SumMetric):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
 import pytest
 import torch
 from sklearn.datasets import load_iris
@@ -266,10 +265,11 @@ def _split_targets(log: BatchLog) -> tuple[list[int], list[int]]:
     return train, valid
 
 
-@pytest.mark.parametrize("kind", ["pair", "dataset"])
+@pytest.mark.parametrize("kind", ["pair", "numpy", "dataset"])
 def test_valid_fraction_splits_a_pair_or_dataset(kind):
     n = 100
-    data = indexed(n) if kind == "pair" else RowDataset(n)
+    x, y = indexed(n)
+    data = {"pair": (x, y), "numpy": (x.numpy(), y.numpy()), "dataset": RowDataset(n)}[kind]
     log = fit_log(data, valid_data=0.2, batch_size=16, epochs=2, model=_regressor(),
                   trainer_kwargs={"loss_fn": index_loss})
     train, valid = _split_targets(log)
@@ -319,13 +319,18 @@ def test_valid_fraction_rebuilds_a_dataloader_keeping_batch_size_and_collate():
                 assert data.collate_fn is _tagging_collate
 
     log = BatchLog()
-    trainer_for(_regressor(), loss_fn=index_loss).fit(loader, valid_data=0.2, callbacks=[Tags(), log])
+    trainer_for(_regressor(), loss_fn=index_loss).fit(
+        loader, valid_data=0.2, epochs=2, callbacks=[Tags(), log]
+    )
     assert {tag for _, tag, _ in seen} == {"mine"}
-    assert [s for p, _, s in seen if p == "train"] == [7] * 11 + [3]
-    assert [s for p, _, s in seen if p == "valid"] == [7, 7, 6]
+    assert [s for p, _, s in seen if p == "train"] == ([7] * 11 + [3]) * 2
+    assert [s for p, _, s in seen if p == "valid"] == [7, 7, 6] * 2
     train, valid = _split_targets(log)
     assert sorted(train + valid) == list(range(n))
-    assert valid == sorted(valid)  # the validation loader is not shuffled
+    train2 = torch.cat(log.targets("train", 2)).tolist()
+    valid2 = torch.cat(log.targets("valid", 2)).tolist()
+    assert valid2 == valid  # the validation loader is not shuffled
+    assert sorted(train2) == sorted(train) and train2 != train  # the training one still is
 
 
 def test_valid_fraction_of_a_list_is_a_type_error():

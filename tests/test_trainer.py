@@ -550,6 +550,16 @@ def test_evaluate_runs_in_eval_mode_and_restores_the_mode(training):
     assert all(m.training is training for m in model.modules())
 
 
+def test_evaluate_restores_each_submodules_mode():
+    """A frozen BatchNorm (eval inside a training model) stays frozen after evaluate()."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
+    model.train()
+    model[1].eval()
+    make_trainer(model).evaluate(iris())
+    assert [m.training for m in model] == [True, False, True]
+    assert model.training is True
+
+
 def test_evaluate_yields_only_valid_events():
     x, y = iris()
     stages = [e.stage for e in make_trainer().run_evaluate((x[:40], y[:40]), batch_size=20)]

@@ -77,7 +77,7 @@ class ProgressBar(Callback):
         self._next_refresh = now + self.interval
         self.bar.update(ctx.iter - self.bar.n)
         if ctx.loss is not None and not ctx.skipped:
-            loss = float(ctx.loss)  # sync-ok: a few times per second at most
+            loss = float(ctx.loss.detach())  # sync-ok: a few times per second at most
             self._loss = loss if math.isnan(self._loss) else 0.9 * self._loss + 0.1 * loss
             self.bar.set_postfix(loss=f"{self._loss:.4g}", refresh=False)
 

@@ -1,0 +1,279 @@
+"""ProgressBar: where it writes, what it shows, how it is replaced or dropped, and that its
+bars are closed in every outcome."""
+
+from __future__ import annotations
+
+import functools
+import io
+
+import pytest
+import torch
+from sklearn.datasets import load_iris
+
+import corolux
+from corolux.callbacks import ProgressBar
+
+tqdm_std = pytest.importorskip("tqdm.std")
+F = torch.nn.functional
+
+
+@functools.cache
+def _iris() -> tuple[torch.Tensor, torch.Tensor]:
+    d = load_iris()
+    x = torch.tensor(d.data, dtype=torch.float32)
+    return (x - x.mean(0)) / x.std(0), torch.tensor(d.target)
+
+
+def trainer_for(progress=False, **kwargs) -> corolux.Trainer:
+    kwargs.setdefault("loss_fn", F.cross_entropy)
+    kwargs.setdefault("optimizer", lambda p: torch.optim.SGD(p, lr=0.1))
+    return corolux.Trainer(torch.nn.Linear(4, 3), device="cpu", progress=progress, **kwargs)
+
+
+def open_bars() -> set:
+    return set(tqdm_std.tqdm._instances)
+
+
+class CollectBars(corolux.Callback):
+    """Remembers every tqdm bar open while a batch runs (after the progress bar, weight 200)."""
+
+    weight = 200
+
+    def __init__(self) -> None:
+        self.bars: set = set()
+
+    def on_train_batch_end(self, ctx):
+        self.bars |= open_bars()
+
+    on_valid_batch_end = on_predict_batch_end = on_train_batch_end
+
+
+def progress_of(ctx) -> list[ProgressBar]:
+    return [cb for cb in ctx.callbacks if isinstance(cb, ProgressBar)]
+
+
+# -- output ----------------------------------------------------------------------------------------
+
+
+def test_writes_epoch_counter_and_loss_to_the_given_file():
+    x, y = _iris()
+    out = io.StringIO()
+    trainer_for(progress=True).fit((x, y), epochs=2, valid_data=(x, y),
+                                   callbacks=[ProgressBar(file=out)])
+    text = out.getvalue()
+    assert "Epoch 1/2" in text and "Epoch 2/2" in text
+    assert "train" in text
+    assert "loss=" in text
+    assert "5/5" in text  # 150 samples in batches of 32: the bar completes
+
+
+def test_writes_to_a_real_file(tmp_path):
+    x, y = _iris()
+    path = tmp_path / "progress.log"
+    with path.open("w") as f:
+        trainer_for(progress=True).fit((x, y), epochs=1, callbacks=[ProgressBar(file=f)])
+    text = path.read_text()
+    assert "Epoch 1/1" in text and "loss=" in text
+
+
+def test_the_final_loss_shown_is_the_epoch_loss():
+    x, y = _iris()
+    out = io.StringIO()
+    history = trainer_for(progress=True).fit((x, y), epochs=1, callbacks=[ProgressBar(file=out)])
+    assert f"loss={history['train_loss'][-1]:.4g}" in out.getvalue()
+
+
+def test_evaluate_and_predict_show_bars_too():
+    x, y = _iris()
+    trainer = trainer_for(progress=True)
+    out = io.StringIO()
+    trainer.evaluate((x, y), callbacks=[ProgressBar(file=out)])
+    assert "valid" in out.getvalue()
+    out = io.StringIO()
+    trainer.predict(x, callbacks=[ProgressBar(file=out)])
+    assert "predict" in out.getvalue()
+
+
+def test_default_bar_writes_to_stderr_when_progress_is_true(capsys):
+    x, y = _iris()
+    trainer_for(progress=True).fit((x, y), epochs=2)
+    captured = capsys.readouterr()
+    assert "Epoch 2/2" in captured.err
+    assert captured.out == ""
+
+
+def test_progress_none_shows_no_bar_when_not_attached_to_a_terminal(capsys):
+    x, y = _iris()
+    trainer_for(progress=None).fit((x, y), epochs=1)  # pytest's captured stderr is no tty
+    assert "Epoch" not in capsys.readouterr().err
+
+
+# -- in the callback list ------------------------------------------------------------------------
+
+
+def test_progress_false_drops_the_bar(capsys):
+    x, y = _iris()
+    lists = []
+
+    class Look(corolux.Callback):
+        def on_fit_begin(self, ctx):
+            lists.append(progress_of(ctx))
+
+    trainer_for(progress=False).fit((x, y), epochs=1, callbacks=[Look()])
+    assert lists == [[]]
+    assert "Epoch" not in capsys.readouterr().err
+
+
+def test_progress_true_has_the_default_bar():
+    x, y = _iris()
+    lists = []
+
+    class Look(corolux.Callback):
+        def on_fit_begin(self, ctx):
+            lists.append(progress_of(ctx))
+
+    trainer_for(progress=True).fit((x, y), epochs=1, callbacks=[Look()])
+    ((bar,),) = lists
+    assert isinstance(bar, ProgressBar) and bar.weight == 100
+
+
+def test_a_user_progress_bar_replaces_the_default():
+    x, y = _iris()
+    mine = ProgressBar(leave=False, file=io.StringIO())
+    lists = []
+
+    class Look(corolux.Callback):
+        def on_fit_begin(self, ctx):
+            lists.append(progress_of(ctx))
+
+    trainer_for(progress=True).fit((x, y), epochs=1, callbacks=[Look(), mine])
+    assert lists == [[mine]]
+    assert mine.leave is False
+
+
+def test_leave_false_clears_the_finished_bar():
+    x, y = _iris()
+    kept, cleared = io.StringIO(), io.StringIO()
+    trainer_for(progress=True).fit((x, y), epochs=1, callbacks=[ProgressBar(leave=True, file=kept)])
+    trainer_for(progress=True).fit((x, y), epochs=1, callbacks=[ProgressBar(leave=False, file=cleared)])
+    assert kept.getvalue().endswith("\n")  # the finished bar stays on its line
+    assert not cleared.getvalue().endswith("\n")
+
+
+def test_bad_refresh_rate_is_rejected():
+    with pytest.raises(ValueError, match="refresh_per_second"):
+        ProgressBar(refresh_per_second=0)
+
+
+# -- cleanup -------------------------------------------------------------------------------------
+
+
+def test_bars_are_closed_after_fit():
+    x, y = _iris()
+    collect = CollectBars()
+    trainer_for(progress=True).fit((x, y), epochs=2, valid_data=(x, y),
+                                   callbacks=[ProgressBar(file=io.StringIO()), collect])
+    assert collect.bars  # the check below looks at real bars
+    assert not (collect.bars & open_bars())
+    assert all(bar.disable for bar in collect.bars)  # tqdm.close() disables the bar
+
+
+def test_bars_are_closed_after_close():
+    x, y = _iris()
+    collect = CollectBars()
+    gen = trainer_for(progress=True).run((x, y), epochs=3,
+                                         callbacks=[ProgressBar(file=io.StringIO()), collect])
+    for event in gen:
+        if event.stage == "on_train_batch_end" and event.ctx.iter == 2:
+            break
+    assert collect.bars & open_bars()  # mid-epoch: the bar is open
+    gen.close()
+    assert not (collect.bars & open_bars())
+
+
+def test_bars_are_closed_after_break():
+    x, y = _iris()
+    collect = CollectBars()
+    trainer = trainer_for(progress=True)
+    for event in trainer.run((x, y), epochs=3, callbacks=[ProgressBar(file=io.StringIO()), collect]):
+        if event.stage == "on_train_batch_end" and event.ctx.iter == 2:
+            break
+    assert collect.bars
+    assert not (collect.bars & open_bars())
+
+
+def test_bars_are_closed_after_an_exception():
+    x, y = _iris()
+    collect = CollectBars()
+
+    class Boom(corolux.Callback):
+        weight = 300
+
+        def on_train_batch_end(self, ctx):
+            if ctx.iter == 3:
+                raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer_for(progress=True).fit(
+            (x, y), epochs=2, callbacks=[ProgressBar(file=io.StringIO()), collect, Boom()]
+        )
+    assert collect.bars
+    assert not (collect.bars & open_bars())
+
+
+def test_bars_are_closed_after_an_error_in_the_step():
+    x, y = _iris()
+    collect = CollectBars()
+
+    def bad_loss(pred, target):
+        if bad_loss.calls == 2:
+            raise ArithmeticError("bad batch")
+        bad_loss.calls += 1
+        return F.cross_entropy(pred, target)
+
+    bad_loss.calls = 0
+    with pytest.raises(ArithmeticError):
+        trainer_for(progress=True, loss_fn=bad_loss).fit(
+            (x, y), callbacks=[ProgressBar(file=io.StringIO()), collect]
+        )
+    assert collect.bars
+    assert not (collect.bars & open_bars())
+
+
+def test_one_bar_instance_serves_several_runs():
+    x, y = _iris()
+    out = io.StringIO()
+    bar = ProgressBar(file=out)
+    before = open_bars()
+    trainer = trainer_for(progress=True)
+    trainer.fit((x, y), epochs=1, callbacks=[bar])
+    trainer.fit((x, y), epochs=2, callbacks=[bar])
+    text = out.getvalue()
+    for desc in ("Epoch 1/1 train: 100%", "Epoch 1/2 train: 100%", "Epoch 2/2 train: 100%"):
+        assert desc in text  # each run's own epoch counter, each bar completed
+    assert text.count("loss=") >= 3
+    assert open_bars() <= before
+
+
+def test_refreshing_the_loss_reads_a_detached_tensor(monkeypatch):
+    """The bar reads the loss at each refresh. Reading a tensor that requires grad makes
+    torch warn "Converting a tensor with requires_grad=True to a scalar" (once per process,
+    so this test looks at the read itself rather than at the warning)."""
+    reads = []
+    for name in ("__float__", "item"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _original=original, **kwargs):
+            reads.append(self.requires_grad)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    x, y = _iris()
+    out = io.StringIO()
+    trainer_for(progress=True).fit(
+        [(x[i:i + 8], y[i:i + 8]) for i in range(0, 150, 8)],
+        callbacks=[ProgressBar(file=out, refresh_per_second=1e9)],  # refresh at every batch
+    )
+    assert "loss=" in out.getvalue()
+    assert reads  # the bar did read losses
+    assert not any(reads), f"{sum(reads)} of {len(reads)} reads were of a tensor requiring grad"

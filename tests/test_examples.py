@@ -1,0 +1,42 @@
+"""The examples run as a user runs them: a subprocess, a fresh interpreter."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_example(name: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "examples" / name)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_quickstart_prints_final_metrics_with_good_test_accuracy():
+    pytest.importorskip("sklearn")
+    proc = run_example("quickstart.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert any(line.startswith("History(10 epochs") for line in lines), proc.stdout
+    (test_line,) = [line for line in lines if line.startswith("test:")]
+    results = ast.literal_eval(test_line.removeprefix("test:").strip())
+    assert set(results) == {"loss", "acc"}
+    assert all(isinstance(v, float) for v in results.values())
+    assert results["acc"] > 0.85, results
+    assert 0 < results["loss"] < 0.5, results
+    history_line = next(line for line in lines if line.startswith("History("))
+    valid_acc = float(re.search(r"valid_acc=([0-9.]+)", history_line).group(1))
+    assert valid_acc > 0.85
+    # progress=None and stderr is not a terminal here: no bars
+    assert "Epoch 1/10" not in proc.stderr
