@@ -50,6 +50,7 @@ def check_callbacks(callbacks: Sequence[Any], stages: Collection[str]) -> None:
             for stage in weight:
                 if stage not in stages:
                     raise ValueError(unknown_stage_message(stage, f"{_display(cb)}.weight", stages))
+                weight_of(cb, stage)  # raises TypeError for a non-numeric value
         weight_of(cb, "on_fit_begin")  # raises TypeError for a non-numeric weight
         if isinstance(cb, CoroutineCallback):
             continue
@@ -237,6 +238,14 @@ class Driver:
         try:
             return loop.throw(KeyboardInterrupt())
         except StopIteration:
+            return None
+        except KeyboardInterrupt:
+            if ctx._interrupted or ctx._sigint_count >= 2:
+                raise  # a second Ctrl-C: abort
+            # No scope was left open (the run was at its last event): it simply ends here.
+            ctx._interrupted = True
+            ctx.history.interrupted = True
+            ctx.stop_training("interrupted")
             return None
 
     # -- dispatch ------------------------------------------------------------------------------

@@ -208,7 +208,7 @@ def _phase(
         batch = next(iterator, _END)
         if batch is _END:
             raise ValueError(f"the {phase} data yielded no batches; pass at least one batch")
-        while batch is not _END:
+        while batch is not _END and ctx.stop_reason is None:  # a stop at *_begin runs no batch
             if move:
                 batch = to_device(batch, device)
             # Look one batch ahead: the step knows the last batch (gradient accumulation),
@@ -243,8 +243,6 @@ def _phase(
             yield batch_end
             if outputs is not None and not ctx.skipped:
                 outputs.append(ctx.pred)
-            if ctx.stop_reason is not None:
-                break
             batch = following
         if outputs:
             ctx.predictions = concat(outputs)

@@ -9,8 +9,10 @@ callback, a coroutine callback, or the code iterating ``run()``) gives a control
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,7 +69,9 @@ class ChaosError(Exception):
 # -- real setups ---------------------------------------------------------------------------------
 
 
-def make_batches(n: int, batch_size: int | list[int], seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def make_batches(
+    n: int, batch_size: int | list[int], seed: int = 0
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``n`` batches ``(x, y)`` of a noisy linear regression, 3 features -> 1 target.
 
     ``batch_size`` may be a list giving each batch's size.
@@ -107,7 +111,9 @@ class RunConfig:
 
     def data(self) -> tuple[list[Any], list[Any] | None]:
         train = make_batches(self.train_batches, self.batch_size, self.seed)
-        valid = make_batches(self.valid_batches, self.batch_size, self.seed + 1) if self.valid_batches else None
+        valid = (
+            make_batches(self.valid_batches, self.batch_size, self.seed + 1) if self.valid_batches else None
+        )
         return train, valid
 
 
@@ -130,6 +136,16 @@ def run_configs(validation: bool | None = None) -> st.SearchStrategy[RunConfig]:
         batch_size=st.integers(1, 4),
         seed=st.integers(0, 3),
     )
+
+
+@contextlib.contextmanager
+def keyboard_interrupt_must_not_escape() -> Iterator[None]:
+    """Turn a ``KeyboardInterrupt`` escaping the engine into a test failure (uncaught, it
+    would stop the whole pytest session)."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        raise AssertionError("KeyboardInterrupt escaped; inside the loop it must be a graceful stop") from exc
 
 
 # -- plans -----------------------------------------------------------------------------------------
@@ -155,7 +171,9 @@ def actions(draw: Any, kinds: tuple[str, ...] = ALL_KINDS, sources: tuple[str, .
     return Action(stage, occurrence, kind, source)
 
 
-def plans(kinds: tuple[str, ...] = ALL_KINDS, sources: tuple[str, ...] = SOURCES, max_size: int = 4) -> st.SearchStrategy[list[Action]]:
+def plans(
+    kinds: tuple[str, ...] = ALL_KINDS, sources: tuple[str, ...] = SOURCES, max_size: int = 4
+) -> st.SearchStrategy[list[Action]]:
     return st.lists(actions(kinds, sources), min_size=1, max_size=max_size)
 
 
@@ -185,13 +203,15 @@ class Recording:
         return next((p for p in self.performed if p.action.kind in kinds), None)
 
 
-def _perform(action: Action, ctx: Any, rec: Recording) -> None:
+def _perform(action: Action, ctx: Any, rec: Recording, index: int | None = None) -> None:
+    """Do ``action`` at the event at ``index`` of the stream (default: the event being
+    dispatched, which the consumer has not received yet)."""
     kind = action.kind
     if kind == "keyboard_interrupt":
         if rec.ki_fired:  # a second Ctrl-C aborts: plans raise it once
             return
         rec.ki_fired = True
-    done = Performed(len(rec.stream), action)
+    done = Performed(len(rec.stream) if index is None else index, action)
     rec.performed.append(done)
     if kind == "stop":
         ctx.stop_training("chaos")
@@ -276,7 +296,7 @@ def execute(config: RunConfig, plan: list[Action]) -> Recording:
                 counts[stage] += 1
                 for action in consumer:
                     if action.stage == stage and action.occurrence == counts[stage]:
-                        _perform(action, ctx, rec)
+                        _perform(action, ctx, rec, index=len(rec.stream) - 1)
         except BaseException as exc:  # noqa: BLE001 - the tests check what escaped
             rec.outcome = exc
     rec.warnings = list(caught)
@@ -342,7 +362,9 @@ def check_structure(stream: list[str], complete: bool) -> None:
                 last_inner = -1
             stack.append(sc)
         else:
-            assert stack and stack[-1] == sc, f"{stage} does not close the innermost open scope {stack!r}: {where}"
+            assert stack and stack[-1] == sc, (
+                f"{stage} does not close the innermost open scope {stack!r}: {where}"
+            )
             stack.pop()
             if sc == "fit":
                 assert i == len(stream) - 1, f"events after on_fit_end: {where}"
@@ -377,3 +399,80 @@ def scopes(stream: list[str]) -> Scopes:
         if sc and stage.endswith("_end") and stack and stack[-1][0] == sc:
             end_of[stack.pop()[1]] = i
     return Scopes(open_at, end_of)
+
+
+# -- helpers for focused tests ----------------------------------------------------------------------
+
+
+def stage_recorder(weight: float = float("inf")) -> Any:
+    """A class callback that appends every stage it sees (fit tree and one-offs) to ``.stages``."""
+
+    def handler(stage: str) -> Any:
+        def on_stage(self: Any, ctx: Any) -> None:
+            self.stages.append(stage)
+
+        return on_stage
+
+    cls = corolux.callback(
+        "stage_recorder",
+        initialize=lambda self: setattr(self, "stages", []),
+        weight=weight,
+        **{stage: handler(stage) for stage in FIT_STAGES + ONE_OFF},
+    )
+    return cls()
+
+
+def at(stage: str, action: Any, *, epoch: int | None = None, it: int | None = None, weight: Any = 0) -> Any:
+    """A class callback doing ``action(ctx)`` at ``stage`` (of ``epoch``, batch ``it`` when given);
+    ``.calls`` counts the times it acted."""
+
+    def on_stage(self: Any, ctx: Any) -> None:
+        if (epoch is None or ctx.epoch == epoch) and (it is None or ctx.iter == it):
+            self.calls += 1
+            action(ctx)
+
+    cls = corolux.callback(
+        "at", initialize=lambda self: setattr(self, "calls", 0), weight=weight, **{stage: on_stage}
+    )
+    return cls()
+
+
+def params_of(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def same_params(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def replicate(
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    seed: int = 0,
+    lr: float = 0.1,
+    epochs: int = 1,
+    skip: frozenset[tuple[int, int]] = frozenset(),
+    stop_after: tuple[int, int] | None = None,
+) -> tuple[list[tuple[int, int, float, int]], torch.nn.Module]:
+    """Train by hand what :func:`make_trainer` trains: returns ``(epoch, iter, loss, batch
+    size)`` per batch and the model. ``skip`` batches take no step; training ends after the
+    batch ``stop_after``."""
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    out = []
+    for epoch in range(1, epochs + 1):
+        for i, (x, y) in enumerate(batches, 1):
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            out.append((epoch, i, loss.item(), len(x)))
+            if (epoch, i) not in skip:
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            if stop_after == (epoch, i):
+                return out, model
+    return out, model
+
+
+def weighted_mean(values: list[tuple[float, int]]) -> float:
+    return sum(v * n for v, n in values) / sum(n for _, n in values)
