@@ -2,28 +2,14 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
-from sklearn.datasets import load_iris
+from realdata import iris
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import corolux
 
 F = torch.nn.functional
-
-
-@functools.cache
-def _iris() -> tuple[torch.Tensor, torch.Tensor]:
-    d = load_iris()
-    x = torch.tensor(d.data, dtype=torch.float32)
-    return (x - x.mean(0)) / x.std(0), torch.tensor(d.target)
-
-
-def iris(n: int = 150) -> tuple[torch.Tensor, torch.Tensor]:
-    x, y = _iris()
-    return x[:n].clone(), y[:n].clone()
 
 
 def indexed(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,7 +69,7 @@ def test_dataloader_is_used_as_it_is():
 
 def test_list_of_batches_is_used_as_it_is():
     x, y = iris()
-    batches = [(x[i:i + 50], y[i:i + 50]) for i in range(0, 150, 50)]
+    batches = [(x[i : i + 50], y[i : i + 50]) for i in range(0, 150, 50)]
     log = fit_log(batches, epochs=2)
     assert log.sizes("train", 1) == [50, 50, 50]
     assert log.sizes("train", 2) == [50, 50, 50]
@@ -124,8 +110,9 @@ def test_batched_for_you_default_32_last_partial_kept_training_shuffled(kind):
         "numpy": (x.numpy(), y.numpy()),
     }[kind]
     valid = {"pair": (x, y), "dataset": RowDataset(n), "numpy": (x.numpy(), y.numpy())}[kind]
-    log = fit_log(data, epochs=2, valid_data=valid, model=_regressor(),
-                  trainer_kwargs={"loss_fn": index_loss})
+    log = fit_log(
+        data, epochs=2, valid_data=valid, model=_regressor(), trainer_kwargs={"loss_fn": index_loss}
+    )
     for epoch in (1, 2):
         assert log.sizes("train", epoch) == [32, 32, 6]
         assert log.sizes("valid", epoch) == [32, 32, 6]
@@ -170,7 +157,7 @@ def test_mismatched_pair_lengths_is_a_value_error():
 
 def test_dict_batches():
     x, y = iris()
-    batches = [{"input": x[i:i + 50], "target": y[i:i + 50]} for i in range(0, 150, 50)]
+    batches = [{"input": x[i : i + 50], "target": y[i : i + 50]} for i in range(0, 150, 50)]
     log = fit_log(batches, epochs=1, valid_data=batches[:1])
     assert log.sizes("train") == [50, 50, 50]
     assert log.sizes("valid") == [50]
@@ -200,7 +187,7 @@ def test_dict_dataset_batched_by_corolux():
 
 def test_unpack_handles_any_layout():
     x, y = iris()
-    batches = [{"features": x[i:i + 50], "label": y[i:i + 50], "id": i} for i in range(0, 150, 50)]
+    batches = [{"features": x[i : i + 50], "label": y[i : i + 50], "id": i} for i in range(0, 150, 50)]
     trainer = trainer_for(unpack=lambda b: (b["features"], b["label"]))
     log = BatchLog()
     trainer.fit(batches, callbacks=[log], valid_data=batches)
@@ -270,8 +257,14 @@ def test_valid_fraction_splits_a_pair_or_dataset(kind):
     n = 100
     x, y = indexed(n)
     data = {"pair": (x, y), "numpy": (x.numpy(), y.numpy()), "dataset": RowDataset(n)}[kind]
-    log = fit_log(data, valid_data=0.2, batch_size=16, epochs=2, model=_regressor(),
-                  trainer_kwargs={"loss_fn": index_loss})
+    log = fit_log(
+        data,
+        valid_data=0.2,
+        batch_size=16,
+        epochs=2,
+        model=_regressor(),
+        trainer_kwargs={"loss_fn": index_loss},
+    )
     train, valid = _split_targets(log)
     assert len(train) == 80 and len(valid) == 20
     assert sorted(train + valid) == list(range(n))  # disjoint, and nothing lost
@@ -287,8 +280,9 @@ def test_valid_fraction_splits_a_pair_or_dataset(kind):
 def test_valid_fraction_split_is_the_same_on_every_run():
     runs = []
     for _ in range(2):
-        log = fit_log(indexed(60), valid_data=0.25, model=_regressor(),
-                      trainer_kwargs={"loss_fn": index_loss})
+        log = fit_log(
+            indexed(60), valid_data=0.25, model=_regressor(), trainer_kwargs={"loss_fn": index_loss}
+        )
         runs.append(sorted(torch.cat(log.targets("valid")).tolist()))
     assert runs[0] == runs[1]
     assert len(runs[0]) == 15
@@ -357,8 +351,8 @@ def test_one_shot_iterator_is_accepted_for_one_epoch():
 
 def test_generator_is_accepted_for_one_epoch_and_as_validation_data():
     x, y = iris()
-    gen = ((x[i:i + 50], y[i:i + 50]) for i in range(0, 150, 50))
-    valid = ((x[i:i + 50], y[i:i + 50]) for i in range(0, 150, 50))
+    gen = ((x[i : i + 50], y[i : i + 50]) for i in range(0, 150, 50))
+    valid = ((x[i : i + 50], y[i : i + 50]) for i in range(0, 150, 50))
     log = fit_log(gen, epochs=1, valid_data=valid)
     assert log.sizes("train") == [50, 50, 50]
     assert log.sizes("valid") == [50, 50, 50]
@@ -427,7 +421,7 @@ class TwoInputs(torch.nn.Module):
 def test_tuple_input_is_spread_as_positional_arguments():
     x, y = iris()
     model = TwoInputs()
-    batches = [((x[i:i + 50, :2], x[i:i + 50, 2:]), y[i:i + 50]) for i in range(0, 150, 50)]
+    batches = [((x[i : i + 50, :2], x[i : i + 50, 2:]), y[i : i + 50]) for i in range(0, 150, 50)]
     trainer = trainer_for(model)
     history = trainer.fit(batches, epochs=2, valid_data=batches[:1])
     assert model.calls[:3] == [(50, 50)] * 3
@@ -446,7 +440,9 @@ def test_list_input_is_spread_as_positional_arguments():
 def test_dict_input_is_spread_as_keyword_arguments():
     x, y = iris()
     model = TwoInputs()
-    batches = [({"right": x[i:i + 50, 2:], "left": x[i:i + 50, :2]}, y[i:i + 50]) for i in range(0, 150, 50)]
+    batches = [
+        ({"right": x[i : i + 50, 2:], "left": x[i : i + 50, :2]}, y[i : i + 50]) for i in range(0, 150, 50)
+    ]
     trainer = trainer_for(model)
     trainer.fit(batches)
     assert model.calls == [(50, 50)] * 3

@@ -3,24 +3,16 @@ plot(), ctx.log()."""
 
 from __future__ import annotations
 
-import functools
 import math
 
 import pytest
 import torch
-from sklearn.datasets import load_iris
+from realdata import iris
 
 import corolux
 from corolux.metrics import Accuracy
 
 F = torch.nn.functional
-
-
-@functools.cache
-def _iris() -> tuple[torch.Tensor, torch.Tensor]:
-    d = load_iris()
-    x = torch.tensor(d.data, dtype=torch.float32)
-    return (x - x.mean(0)) / x.std(0), torch.tensor(d.target)
 
 
 def trainer_for(**kwargs) -> corolux.Trainer:
@@ -33,7 +25,7 @@ def trainer_for(**kwargs) -> corolux.Trainer:
 
 
 def fit(epochs: int = 3, callbacks=None, **trainer_kwargs) -> corolux.History:
-    x, y = _iris()
+    x, y = iris()
     trainer = trainer_for(metrics=[Accuracy()], **trainer_kwargs)
     return trainer.fit((x, y), epochs=epochs, valid_data=(x[::5], y[::5]), callbacks=callbacks)
 
@@ -164,7 +156,7 @@ def test_logged_tensor_is_recorded_as_a_float(stage):
 
 
 def test_log_from_the_consumer_of_run():
-    x, y = _iris()
+    x, y = iris()
     trainer = trainer_for()
     for event in trainer.run((x, y), epochs=2):
         if event.stage == "on_train_end":
@@ -201,7 +193,7 @@ def test_key_error_lists_recorded_names():
 
 
 def test_trainer_history_is_the_latest_runs():
-    x, y = _iris()
+    x, y = iris()
     trainer = trainer_for()
     h1 = trainer.fit((x, y), epochs=2)
     assert trainer.history is h1

@@ -3,35 +3,16 @@ sizes), names, phase-only metrics, torchmetrics objects, and no host sync per up
 
 from __future__ import annotations
 
-import functools
 import math
 
 import pytest
 import torch
-from sklearn.datasets import load_digits, load_iris
+from realdata import digits, iris
 
 import corolux
 from corolux.metrics import MAE, MSE, RMSE, Accuracy, Mean
 
 F = torch.nn.functional
-
-
-@functools.cache
-def _iris() -> tuple[torch.Tensor, torch.Tensor]:
-    d = load_iris()
-    x = torch.tensor(d.data, dtype=torch.float32)
-    return (x - x.mean(0)) / x.std(0), torch.tensor(d.target)
-
-
-def iris() -> tuple[torch.Tensor, torch.Tensor]:
-    x, y = _iris()
-    return x.clone(), y.clone()
-
-
-@functools.cache
-def _digits() -> tuple[torch.Tensor, torch.Tensor]:
-    d = load_digits()
-    return torch.tensor(d.data, dtype=torch.float32) / 16.0, torch.tensor(d.target)
 
 
 SIZES = [5, 17, 3, 40, 1, 34]  # uneven on purpose: a mean of batch means would differ
@@ -40,7 +21,7 @@ SIZES = [5, 17, 3, 40, 1, 34]  # uneven on purpose: a mean of batch means would 
 def uneven_batches(x: torch.Tensor, y: torch.Tensor, sizes=SIZES) -> list[tuple[torch.Tensor, torch.Tensor]]:
     out, start = [], 0
     for size in sizes:
-        out.append((x[start:start + size], y[start:start + size]))
+        out.append((x[start : start + size], y[start : start + size]))
         start += size
     return out
 
@@ -270,11 +251,10 @@ def test_torchmetrics_object_works_unchanged_and_is_named_in_snake_case():
     from torchmetrics.classification import MulticlassAccuracy
 
     torch.manual_seed(0)
-    x, y = _digits()
+    x, y = digits()
     model = torch.nn.Linear(64, 10)
     tm = MulticlassAccuracy(num_classes=10, average="micro")
-    trainer = trainer_for(model, metrics=[tm, Accuracy()],
-                          optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
+    trainer = trainer_for(model, metrics=[tm, Accuracy()], optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
     batches = uneven_batches(x[:300], y[:300], [64, 64, 64, 64, 44])
     valid = uneven_batches(x[300:500], y[300:500], [7, 93, 100])
     history = trainer.fit(batches, epochs=2, valid_data=valid)
@@ -312,7 +292,13 @@ def test_train_and_valid_metrics_are_phase_only():
     )
     history = trainer.fit((x, y), epochs=2, valid_data=(x[:50], y[:50]))
     assert set(history.to_dict()) == {
-        "epoch", "train_loss", "train_acc", "train_confidence", "valid_loss", "valid_acc", "valid_error",
+        "epoch",
+        "train_loss",
+        "train_acc",
+        "train_confidence",
+        "valid_loss",
+        "valid_acc",
+        "valid_error",
     }
     assert history["valid_error"] == pytest.approx([1 - a for a in history["valid_acc"]])
     result = trainer.evaluate((x, y))
@@ -330,10 +316,11 @@ def test_evaluate_metrics_argument_replaces_the_validation_metrics():
 
 
 def test_epoch_valid_loss_equals_evaluate_loss_on_the_same_data():
-    x, y = _digits()
+    x, y = digits()
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Dropout(0.5),
-                                torch.nn.Linear(32, 10))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Dropout(0.5), torch.nn.Linear(32, 10)
+    )
     trainer = trainer_for(model, metrics=[Accuracy()], optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
     valid = uneven_batches(x[:200], y[:200], [13, 100, 50, 37])
     history = trainer.fit((x[200:800], y[200:800]), epochs=2, valid_data=valid)

@@ -190,9 +190,13 @@ def test_default_callbacks_are_in_every_fit_in_weight_order():
             seen.append([type(cb) for cb in ctx.callbacks])
 
     x, y = torch.randn(8, 2), torch.randn(8, 1)
-    trainer = corolux.Trainer(torch.nn.Linear(2, 1), loss_fn=torch.nn.functional.mse_loss,
-                              optimizer=lambda p: torch.optim.SGD(p, lr=0.1), device="cpu",
-                              progress=True)
+    trainer = corolux.Trainer(
+        torch.nn.Linear(2, 1),
+        loss_fn=torch.nn.functional.mse_loss,
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+        device="cpu",
+        progress=True,
+    )
     import io
 
     trainer.fit((x, y), callbacks=[Look(), ProgressBar(file=io.StringIO())])
@@ -222,8 +226,6 @@ def test_doctests_exist():
     """The docstrings carry examples (STYLE 14): the doctest run above checks something."""
     finder = doctest.DocTestFinder()
     total = sum(
-        len(test.examples)
-        for name in _modules()
-        for test in finder.find(importlib.import_module(name))
+        len(test.examples) for name in _modules() for test in finder.find(importlib.import_module(name))
     )
     assert total >= 10

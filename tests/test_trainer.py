@@ -4,13 +4,12 @@ optimizers, seeds. Real training on scikit-learn's bundled digits and iris (no m
 from __future__ import annotations
 
 import copy
-import functools
 import math
 import types
 
 import pytest
 import torch
-from sklearn.datasets import load_digits, load_iris
+from realdata import digits, iris
 
 import corolux
 from corolux import Stage
@@ -22,35 +21,14 @@ F = torch.nn.functional
 # -- data and models ---------------------------------------------------------------------------
 
 
-@functools.cache
-def _digits() -> tuple[torch.Tensor, torch.Tensor]:
-    d = load_digits()
-    return torch.tensor(d.data, dtype=torch.float32) / 16.0, torch.tensor(d.target)
-
-
 def digits_split() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """(train, test): 1497 / 300 real digits."""
-    x, y = _digits()
+    x, y = digits()
     return (x[300:], y[300:]), (x[:300], y[:300])
 
 
-@functools.cache
-def _iris() -> tuple[torch.Tensor, torch.Tensor]:
-    d = load_iris()
-    x = torch.tensor(d.data, dtype=torch.float32)
-    x = (x - x.mean(0)) / x.std(0)
-    return x, torch.tensor(d.target)
-
-
-def iris() -> tuple[torch.Tensor, torch.Tensor]:
-    x, y = _iris()
-    return x.clone(), y.clone()
-
-
 def mlp(n_in: int = 64, n_out: int = 10, hidden: int = 32) -> torch.nn.Module:
-    return torch.nn.Sequential(
-        torch.nn.Linear(n_in, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, n_out)
-    )
+    return torch.nn.Sequential(torch.nn.Linear(n_in, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, n_out))
 
 
 def sgd(lr: float = 0.1):
@@ -140,7 +118,9 @@ class GanToy(torch.nn.Module):
 def test_dict_of_factories_gets_each_submodules_parameters():
     model = GanToy()
     trainer = corolux.Trainer(
-        model, loss_fn=F.mse_loss, device="cpu",
+        model,
+        loss_fn=F.mse_loss,
+        device="cpu",
         optimizer={"gen": sgd(), "disc": lambda p: torch.optim.Adam(p, lr=1e-3)},
     )
     assert list(trainer.optimizers) == ["gen", "disc"]
@@ -196,9 +176,16 @@ def test_max_steps_stops_after_that_many_optimizer_steps(max_steps):
     trainer = make_trainer(model)
     x, y = iris()
     history = trainer.fit(
-        (x, y), epochs=10, batch_size=32, max_steps=max_steps,
-        callbacks=[Recorder(lambda s, ctx: seen.update(step=ctx.step, reason=ctx.stop_reason,
-                                                       epoch=ctx.epoch), "on_fit_end")],
+        (x, y),
+        epochs=10,
+        batch_size=32,
+        max_steps=max_steps,
+        callbacks=[
+            Recorder(
+                lambda s, ctx: seen.update(step=ctx.step, reason=ctx.stop_reason, epoch=ctx.epoch),
+                "on_fit_end",
+            )
+        ],
     )
     assert seen["step"] == max_steps
     assert seen["epoch"] == math.ceil(max_steps / 5)  # 150 samples: 5 batches an epoch
@@ -212,8 +199,10 @@ def test_bad_max_steps_is_rejected(max_steps):
 
 
 def test_device_auto_and_cpu():
-    expected = "cuda" if torch.cuda.is_available() else (
-        "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu"
+    expected = (
+        "cuda"
+        if torch.cuda.is_available()
+        else ("mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu")
     )
     assert make_trainer(device="auto").device.type == expected
     model = mlp(4, 3)
@@ -237,7 +226,9 @@ def test_precision_trains_on_cpu(precision):
     trainer = make_trainer(model, precision=precision, optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
     scalers = []
     history = trainer.fit(
-        iris(), epochs=8, batch_size=16,
+        iris(),
+        epochs=8,
+        batch_size=16,
         callbacks=[Recorder(lambda s, ctx: scalers.append(ctx.scaler), "on_fit_begin")],
     )
     losses = history["train_loss"]
@@ -267,14 +258,17 @@ def test_bad_precision_is_a_value_error(precision):
 # -- fit ---------------------------------------------------------------------------------------
 
 
-def test_fit_learns_digits():
+def test_fit_learnsdigits():
     torch.manual_seed(0)
     (train_x, train_y), test = digits_split()
     model = mlp(64, 10, 64)
     trainer = corolux.Trainer(
-        model, loss_fn=torch.nn.CrossEntropyLoss(),
+        model,
+        loss_fn=torch.nn.CrossEntropyLoss(),
         optimizer=lambda p: torch.optim.Adam(p, lr=3e-3),
-        metrics=[Accuracy()], device="cpu", progress=False,
+        metrics=[Accuracy()],
+        device="cpu",
+        progress=False,
     )
     history = trainer.fit((train_x, train_y), epochs=4, valid_data=test, batch_size=64)
     assert isinstance(history, corolux.History)
@@ -306,9 +300,13 @@ def test_without_validation_there_are_no_valid_names():
 def test_epochs_range_sets_min_and_max_epochs():
     seen = []
     history = make_trainer().fit(
-        iris(), epochs=(2, 4),
-        callbacks=[Recorder(lambda s, ctx: seen.append((ctx.min_epochs, ctx.max_epochs, ctx.epoch)),
-                            "on_epoch_begin")],
+        iris(),
+        epochs=(2, 4),
+        callbacks=[
+            Recorder(
+                lambda s, ctx: seen.append((ctx.min_epochs, ctx.max_epochs, ctx.epoch)), "on_epoch_begin"
+            )
+        ],
     )
     assert seen == [(2, 4, 1), (2, 4, 2), (2, 4, 3), (2, 4, 4)]
     assert len(history["train_loss"]) == 4
@@ -316,8 +314,11 @@ def test_epochs_range_sets_min_and_max_epochs():
 
 def test_int_epochs_sets_min_and_max_alike():
     seen = []
-    make_trainer().fit(iris(), epochs=3, callbacks=[
-        Recorder(lambda s, ctx: seen.append((ctx.min_epochs, ctx.max_epochs)), "on_fit_begin")])
+    make_trainer().fit(
+        iris(),
+        epochs=3,
+        callbacks=[Recorder(lambda s, ctx: seen.append((ctx.min_epochs, ctx.max_epochs)), "on_fit_begin")],
+    )
     assert seen == [(3, 3)]
 
 
@@ -325,10 +326,20 @@ def test_counters_epoch_iter_step_completed():
     seen = []
     x, y = iris()
     make_trainer().fit(
-        (x[:70], y[:70]), epochs=2, batch_size=32, valid_data=(x[70:90], y[70:90]),
-        callbacks=[Recorder(lambda s, ctx: seen.append((s, ctx.epoch, ctx.iter, ctx.step,
-                                                        ctx.completed_epochs, ctx.training)),
-                            "on_train_batch_end", "on_valid_batch_end", "on_epoch_end")],
+        (x[:70], y[:70]),
+        epochs=2,
+        batch_size=32,
+        valid_data=(x[70:90], y[70:90]),
+        callbacks=[
+            Recorder(
+                lambda s, ctx: seen.append(
+                    (s, ctx.epoch, ctx.iter, ctx.step, ctx.completed_epochs, ctx.training)
+                ),
+                "on_train_batch_end",
+                "on_valid_batch_end",
+                "on_epoch_end",
+            )
+        ],
     )
     assert seen == [
         ("on_train_batch_end", 1, 1, 1, 0, True),
@@ -543,8 +554,9 @@ def test_evaluate_runs_in_eval_mode_and_restores_the_mode(training):
     model.train(training)
     modes = []
     trainer = make_trainer(model)
-    trainer.evaluate(iris(), callbacks=[Recorder(lambda s, ctx: modes.append(ctx.model.training),
-                                                 "on_valid_batch_begin")])
+    trainer.evaluate(
+        iris(), callbacks=[Recorder(lambda s, ctx: modes.append(ctx.model.training), "on_valid_batch_begin")]
+    )
     assert modes and not any(modes)
     assert model.training is training
     assert all(m.training is training for m in model.modules())
@@ -638,8 +650,12 @@ def test_predict_yields_predict_events_in_eval_mode():
         events.append((e.stage, e.ctx.model.training))
     assert [s for s, _ in events] == [
         "on_predict_begin",
-        "on_predict_batch_begin", "on_predict_batch_after_pred", "on_predict_batch_end",
-        "on_predict_batch_begin", "on_predict_batch_after_pred", "on_predict_batch_end",
+        "on_predict_batch_begin",
+        "on_predict_batch_after_pred",
+        "on_predict_batch_end",
+        "on_predict_batch_begin",
+        "on_predict_batch_after_pred",
+        "on_predict_batch_end",
         "on_predict_end",
     ]
     assert not any(training for _, training in events)
@@ -665,9 +681,16 @@ def test_one_call_fit():
     x, y = iris()
     torch.manual_seed(0)
     history = corolux.fit(
-        mlp(4, 3, 32), (x, y), loss_fn=F.cross_entropy,
-        optimizer=lambda p: torch.optim.Adam(p, lr=1e-2), metrics=[Accuracy()],
-        device="cpu", progress=False, epochs=15, valid_data=0.2, batch_size=16,
+        mlp(4, 3, 32),
+        (x, y),
+        loss_fn=F.cross_entropy,
+        optimizer=lambda p: torch.optim.Adam(p, lr=1e-2),
+        metrics=[Accuracy()],
+        device="cpu",
+        progress=False,
+        epochs=15,
+        valid_data=0.2,
+        batch_size=16,
     )
     assert isinstance(history, corolux.History)
     assert len(history["train_loss"]) == 15
@@ -725,8 +748,11 @@ def test_each_run_starts_fresh_history_and_counters_but_keeps_the_model():
     trainer.fit(iris(), epochs=2)
     after_first = params_of(model)
     steps = []
-    h2 = trainer.fit(iris(), epochs=1, callbacks=[
-        Recorder(lambda s, ctx: steps.append((ctx.step, ctx.epoch)), "on_train_batch_end")])
+    h2 = trainer.fit(
+        iris(),
+        epochs=1,
+        callbacks=[Recorder(lambda s, ctx: steps.append((ctx.step, ctx.epoch)), "on_train_batch_end")],
+    )
     assert h2["epoch"] == [1]
     assert steps[0] == (1, 1)
     assert not same_params(after_first, params_of(model))  # trained on from the first run's state
@@ -818,15 +844,19 @@ def test_custom_stages_are_yielded_and_listened_to():
         def on_gen_after_loss(self, ctx):
             heard.append((ctx.iter, ctx.stage))
 
-    trainer = GenTrainer(mlp(4, 3), loss_fn=F.cross_entropy, optimizer=sgd(), device="cpu",
-                         progress=False)
+    trainer = GenTrainer(mlp(4, 3), loss_fn=F.cross_entropy, optimizer=sgd(), device="cpu", progress=False)
     stages = [e.stage for e in trainer.run((x, y), epochs=1, batch_size=75, callbacks=[Listener()])]
     assert heard == [(1, "on_gen_after_loss"), (2, "on_gen_after_loss")]
-    batch = stages[stages.index("on_train_batch_begin"): stages.index("on_train_batch_end") + 1]
+    batch = stages[stages.index("on_train_batch_begin") : stages.index("on_train_batch_end") + 1]
     assert batch == [
-        "on_train_batch_begin", "on_train_batch_after_pred", "on_gen_after_loss",
-        "on_train_batch_after_loss", "on_train_batch_before_backward",
-        "on_train_batch_before_step", "on_train_batch_after_step", "on_train_batch_end",
+        "on_train_batch_begin",
+        "on_train_batch_after_pred",
+        "on_gen_after_loss",
+        "on_train_batch_after_loss",
+        "on_train_batch_before_backward",
+        "on_train_batch_before_step",
+        "on_train_batch_after_step",
+        "on_train_batch_end",
     ]
 
 
@@ -841,8 +871,7 @@ def test_custom_stage_in_a_coroutine_and_the_callback_factory():
             heard.append(event.ctx.iter)
 
     Factory = corolux.callback("gen_listener", on_gen_after_loss=lambda self, ctx: heard.append("f"))
-    trainer = GenTrainer(mlp(4, 3), loss_fn=F.cross_entropy, optimizer=sgd(), device="cpu",
-                         progress=False)
+    trainer = GenTrainer(mlp(4, 3), loss_fn=F.cross_entropy, optimizer=sgd(), device="cpu", progress=False)
     trainer.fit((x, y), batch_size=75, callbacks=[waiter(), Factory()])
     assert sorted(map(str, heard)) == ["1", "2", "f", "f"]
 
@@ -874,14 +903,14 @@ def test_callback_for_an_undeclared_custom_stage_is_rejected_before_the_first_ev
         def on_gen_after_los(self, ctx):
             pass
 
-    trainer = GenTrainer(mlp(4, 3), loss_fn=F.cross_entropy, optimizer=sgd(), device="cpu",
-                         progress=False)
+    trainer = GenTrainer(mlp(4, 3), loss_fn=F.cross_entropy, optimizer=sgd(), device="cpu", progress=False)
     with pytest.raises(ValueError, match="did you mean 'on_gen_after_loss'"):
         trainer.run(iris(), callbacks=[Listener()])
 
 
 def test_custom_stage_names_must_start_with_on():
     with pytest.raises((ValueError, TypeError)):
+
         class Bad(corolux.Trainer):  # noqa: F841
             stages = ("gen_after_loss",)
 
@@ -895,7 +924,10 @@ def test_several_optimizers_record_a_loss_each_and_set_opt_name():
     target = x.sum(1)
     model = GanToy()
     trainer = corolux.Trainer(
-        model, loss_fn=F.mse_loss, device="cpu", progress=False,
+        model,
+        loss_fn=F.mse_loss,
+        device="cpu",
+        progress=False,
         optimizer={"gen": sgd(0.05), "disc": sgd(0.05)},
     )
     seen = []
@@ -916,22 +948,29 @@ def test_several_optimizers_record_a_loss_each_and_set_opt_name():
 
         def on_train_batch_after_step(self, ctx):
             self._rec(ctx)
-            moved.append((
-                ctx.opt_name,
-                not same_params(snapshot["gen"], params_of(ctx.model.gen)),
-                not same_params(snapshot["disc"], params_of(ctx.model.disc)),
-            ))
+            moved.append(
+                (
+                    ctx.opt_name,
+                    not same_params(snapshot["gen"], params_of(ctx.model.gen)),
+                    not same_params(snapshot["disc"], params_of(ctx.model.disc)),
+                )
+            )
 
-    history = trainer.fit((x, target), epochs=3, batch_size=75, callbacks=[Watch()],
-                          valid_data=(x[:20], target[:20]))
+    history = trainer.fit(
+        (x, target), epochs=3, batch_size=75, callbacks=[Watch()], valid_data=(x[:20], target[:20])
+    )
     assert {"train_loss_gen", "train_loss_disc"} <= set(history.to_dict())
     assert len(history["train_loss_gen"]) == 3
     assert all(math.isfinite(v) for v in history["train_loss_gen"] + history["train_loss_disc"])
     assert "valid_loss" in history
     per_batch = [(s, name, ok) for it, s, name, ok in seen if it == 1][:10]
-    inner = ["on_train_batch_after_pred", "on_train_batch_after_loss",
-             "on_train_batch_before_backward", "on_train_batch_before_step",
-             "on_train_batch_after_step"]
+    inner = [
+        "on_train_batch_after_pred",
+        "on_train_batch_after_loss",
+        "on_train_batch_before_backward",
+        "on_train_batch_before_step",
+        "on_train_batch_after_step",
+    ]
     assert per_batch == [(s, "gen", True) for s in inner] + [(s, "disc", True) for s in inner]
     # each optimizer moves its own submodule only
     assert moved[:2] == [("gen", True, False), ("disc", False, True)]
@@ -940,8 +979,13 @@ def test_several_optimizers_record_a_loss_each_and_set_opt_name():
 
 def test_several_optimizers_step_count():
     x, _ = iris()
-    trainer = corolux.Trainer(GanToy(), loss_fn=F.mse_loss, device="cpu", progress=False,
-                              optimizer={"gen": sgd(0.01), "disc": sgd(0.01)})
+    trainer = corolux.Trainer(
+        GanToy(),
+        loss_fn=F.mse_loss,
+        device="cpu",
+        progress=False,
+        optimizer={"gen": sgd(0.01), "disc": sgd(0.01)},
+    )
     last = None
     for event in trainer.run((x, x.sum(1)), batch_size=75):
         last = event.ctx.step
@@ -971,10 +1015,11 @@ class CarriesLoss(torch.nn.Module):
 def test_loss_fn_none_uses_the_loss_the_output_carries(as_dict):
     torch.manual_seed(0)
     x, y = iris()
-    batches = [({"x": x[i:i + 25], "labels": y[i:i + 25]}, y[i:i + 25]) for i in range(0, 150, 25)]
+    batches = [({"x": x[i : i + 25], "labels": y[i : i + 25]}, y[i : i + 25]) for i in range(0, 150, 25)]
     model = CarriesLoss(as_dict)
-    trainer = corolux.Trainer(model, loss_fn=None, device="cpu", progress=False,
-                              optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
+    trainer = corolux.Trainer(
+        model, loss_fn=None, device="cpu", progress=False, optimizer=lambda p: torch.optim.Adam(p, lr=1e-2)
+    )
     history = trainer.fit(batches, epochs=6)
     losses = history["train_loss"]
     assert losses[-1] < 0.7 * losses[0]
@@ -1015,8 +1060,9 @@ def _seeded_fit(model: torch.nn.Module, seed: int | None):
 
 def test_seed_makes_two_fits_identical():
     torch.manual_seed(123)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Dropout(0.3),
-                                torch.nn.Linear(16, 3))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(16, 3)
+    )
     h1, p1 = _seeded_fit(model, seed=7)
     torch.manual_seed(999)  # global state in between must not matter
     h2, p2 = _seeded_fit(model, seed=7)

@@ -3,25 +3,17 @@ bars are closed in every outcome."""
 
 from __future__ import annotations
 
-import functools
 import io
 
 import pytest
 import torch
-from sklearn.datasets import load_iris
+from realdata import iris
 
 import corolux
 from corolux.callbacks import ProgressBar
 
 tqdm_std = pytest.importorskip("tqdm.std")
 F = torch.nn.functional
-
-
-@functools.cache
-def _iris() -> tuple[torch.Tensor, torch.Tensor]:
-    d = load_iris()
-    x = torch.tensor(d.data, dtype=torch.float32)
-    return (x - x.mean(0)) / x.std(0), torch.tensor(d.target)
 
 
 def trainer_for(progress=False, **kwargs) -> corolux.Trainer:
@@ -56,10 +48,9 @@ def progress_of(ctx) -> list[ProgressBar]:
 
 
 def test_writes_epoch_counter_and_loss_to_the_given_file():
-    x, y = _iris()
+    x, y = iris()
     out = io.StringIO()
-    trainer_for(progress=True).fit((x, y), epochs=2, valid_data=(x, y),
-                                   callbacks=[ProgressBar(file=out)])
+    trainer_for(progress=True).fit((x, y), epochs=2, valid_data=(x, y), callbacks=[ProgressBar(file=out)])
     text = out.getvalue()
     assert "Epoch 1/2" in text and "Epoch 2/2" in text
     assert "train" in text
@@ -68,7 +59,7 @@ def test_writes_epoch_counter_and_loss_to_the_given_file():
 
 
 def test_writes_to_a_real_file(tmp_path):
-    x, y = _iris()
+    x, y = iris()
     path = tmp_path / "progress.log"
     with path.open("w") as f:
         trainer_for(progress=True).fit((x, y), epochs=1, callbacks=[ProgressBar(file=f)])
@@ -77,14 +68,14 @@ def test_writes_to_a_real_file(tmp_path):
 
 
 def test_the_final_loss_shown_is_the_epoch_loss():
-    x, y = _iris()
+    x, y = iris()
     out = io.StringIO()
     history = trainer_for(progress=True).fit((x, y), epochs=1, callbacks=[ProgressBar(file=out)])
     assert f"loss={history['train_loss'][-1]:.4g}" in out.getvalue()
 
 
 def test_evaluate_and_predict_show_bars_too():
-    x, y = _iris()
+    x, y = iris()
     trainer = trainer_for(progress=True)
     out = io.StringIO()
     trainer.evaluate((x, y), callbacks=[ProgressBar(file=out)])
@@ -95,7 +86,7 @@ def test_evaluate_and_predict_show_bars_too():
 
 
 def test_default_bar_writes_to_stderr_when_progress_is_true(capsys):
-    x, y = _iris()
+    x, y = iris()
     trainer_for(progress=True).fit((x, y), epochs=2)
     captured = capsys.readouterr()
     assert "Epoch 2/2" in captured.err
@@ -103,7 +94,7 @@ def test_default_bar_writes_to_stderr_when_progress_is_true(capsys):
 
 
 def test_progress_none_shows_no_bar_when_not_attached_to_a_terminal(capsys):
-    x, y = _iris()
+    x, y = iris()
     trainer_for(progress=None).fit((x, y), epochs=1)  # pytest's captured stderr is no tty
     assert "Epoch" not in capsys.readouterr().err
 
@@ -112,7 +103,7 @@ def test_progress_none_shows_no_bar_when_not_attached_to_a_terminal(capsys):
 
 
 def test_progress_false_drops_the_bar(capsys):
-    x, y = _iris()
+    x, y = iris()
     lists = []
 
     class Look(corolux.Callback):
@@ -125,7 +116,7 @@ def test_progress_false_drops_the_bar(capsys):
 
 
 def test_progress_true_has_the_default_bar():
-    x, y = _iris()
+    x, y = iris()
     lists = []
 
     class Look(corolux.Callback):
@@ -138,7 +129,7 @@ def test_progress_true_has_the_default_bar():
 
 
 def test_a_user_progress_bar_replaces_the_default():
-    x, y = _iris()
+    x, y = iris()
     mine = ProgressBar(leave=False, file=io.StringIO())
     lists = []
 
@@ -152,7 +143,7 @@ def test_a_user_progress_bar_replaces_the_default():
 
 
 def test_leave_false_clears_the_finished_bar():
-    x, y = _iris()
+    x, y = iris()
     kept, cleared = io.StringIO(), io.StringIO()
     trainer_for(progress=True).fit((x, y), epochs=1, callbacks=[ProgressBar(leave=True, file=kept)])
     trainer_for(progress=True).fit((x, y), epochs=1, callbacks=[ProgressBar(leave=False, file=cleared)])
@@ -169,20 +160,22 @@ def test_bad_refresh_rate_is_rejected():
 
 
 def test_bars_are_closed_after_fit():
-    x, y = _iris()
+    x, y = iris()
     collect = CollectBars()
-    trainer_for(progress=True).fit((x, y), epochs=2, valid_data=(x, y),
-                                   callbacks=[ProgressBar(file=io.StringIO()), collect])
+    trainer_for(progress=True).fit(
+        (x, y), epochs=2, valid_data=(x, y), callbacks=[ProgressBar(file=io.StringIO()), collect]
+    )
     assert collect.bars  # the check below looks at real bars
     assert not (collect.bars & open_bars())
     assert all(bar.disable for bar in collect.bars)  # tqdm.close() disables the bar
 
 
 def test_bars_are_closed_after_close():
-    x, y = _iris()
+    x, y = iris()
     collect = CollectBars()
-    gen = trainer_for(progress=True).run((x, y), epochs=3,
-                                         callbacks=[ProgressBar(file=io.StringIO()), collect])
+    gen = trainer_for(progress=True).run(
+        (x, y), epochs=3, callbacks=[ProgressBar(file=io.StringIO()), collect]
+    )
     for event in gen:
         if event.stage == "on_train_batch_end" and event.ctx.iter == 2:
             break
@@ -192,7 +185,7 @@ def test_bars_are_closed_after_close():
 
 
 def test_bars_are_closed_after_break():
-    x, y = _iris()
+    x, y = iris()
     collect = CollectBars()
     trainer = trainer_for(progress=True)
     for event in trainer.run((x, y), epochs=3, callbacks=[ProgressBar(file=io.StringIO()), collect]):
@@ -203,7 +196,7 @@ def test_bars_are_closed_after_break():
 
 
 def test_bars_are_closed_after_an_exception():
-    x, y = _iris()
+    x, y = iris()
     collect = CollectBars()
 
     class Boom(corolux.Callback):
@@ -222,7 +215,7 @@ def test_bars_are_closed_after_an_exception():
 
 
 def test_bars_are_closed_after_an_error_in_the_step():
-    x, y = _iris()
+    x, y = iris()
     collect = CollectBars()
 
     def bad_loss(pred, target):
@@ -241,7 +234,7 @@ def test_bars_are_closed_after_an_error_in_the_step():
 
 
 def test_one_bar_instance_serves_several_runs():
-    x, y = _iris()
+    x, y = iris()
     out = io.StringIO()
     bar = ProgressBar(file=out)
     before = open_bars()
@@ -268,10 +261,10 @@ def test_refreshing_the_loss_reads_a_detached_tensor(monkeypatch):
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, spy)
-    x, y = _iris()
+    x, y = iris()
     out = io.StringIO()
     trainer_for(progress=True).fit(
-        [(x[i:i + 8], y[i:i + 8]) for i in range(0, 150, 8)],
+        [(x[i : i + 8], y[i : i + 8]) for i in range(0, 150, 8)],
         callbacks=[ProgressBar(file=out, refresh_per_second=1e9)],  # refresh at every batch
     )
     assert "loss=" in out.getvalue()
