@@ -7,8 +7,12 @@ from typing import Any
 
 import torch
 
+from corolux._suggest import did_you_mean
 from corolux.data import default_unpack as _unpack_default
+from corolux.events import ONE_OFF_STAGES, Stage
 from corolux.history import History
+
+_NESTED_STAGES = frozenset(Stage) - ONE_OFF_STAGES
 
 __all__ = ["Context"]
 
@@ -93,7 +97,9 @@ class Context:
         self._params: dict[int, list[torch.Tensor]] = {}
         self._in_batch = False
         self._skip_validation = False
-        self._grads_pending = False
+        self._grads_pending = False  # gradients accumulated since the last optimizer step
+        self._batch_backward = False  # this batch ran a backward
+        self._scaler_stepped = False  # a GradScaler step awaits its once-per-batch update()
         # The driver looks at these after each event: emitted stages and Ctrl-C requests.
         self._attention = False
         self._emitted: list[str] = []
@@ -136,10 +142,13 @@ class Context:
     def emit(self, stage: str) -> None:
         """Ask for a one-off event (``on_early_stopping`` or a custom stage): its
         handlers run, and the consumer receives it, right after the current event."""
-        if stage not in self.stages:
-            from corolux._suggest import unknown_stage_message
-
-            raise ValueError(unknown_stage_message(stage, "ctx.emit()", self.stages))
+        emittable = self.stages - _NESTED_STAGES - {Stage.on_exception, Stage.on_interrupt}
+        if stage not in emittable:
+            raise ValueError(
+                f"ctx.emit({stage!r}): only one-off stages can be emitted: on_early_stopping "
+                f"or a custom stage of the trainer;{did_you_mean(str(stage), emittable) or ''} "
+                "the stages of the tree are the loop's alone"
+            )
         self._emitted.append(stage)
         self._attention = True
 
@@ -163,26 +172,35 @@ class Context:
             loss = self.scaler.scale(loss)
         if self._params:
             # Several optimizers: this loss's gradients go to this optimizer's parameters only.
-            loss.backward(inputs=self._params[id(self.opt if opt is None else opt)])
+            opt = self.opt if opt is None else opt
+            params = self._params.get(id(opt))
+            if params is None:
+                raise ValueError(
+                    f"backward(): opt={opt!r} is not one of this trainer's optimizers "
+                    f"{list(self.optimizers)}; pass one of ctx.optimizers[name]"
+                )
+            loss.backward(inputs=params)
         else:
             loss.backward()
         self._grads_pending = True
+        self._batch_backward = True
 
     @property
     def accumulating(self) -> bool:
         """True when this batch only accumulates gradients and the optimizer does not step."""
         n = self.accumulate_steps
-        return n > 1 and self.iter % n != 0 and not self.is_last_batch
+        return n > 1 and self.iter % n != 0 and not self.is_last_batch and self.stop_reason is None
 
     def step_optimizer(self, opt: torch.optim.Optimizer | None = None) -> None:
         """Step ``opt`` (default ``ctx.opt``) through the GradScaler when there is one,
-        then zero its gradients (``set_to_none=True``)."""
+        then zero its gradients (``set_to_none=True``). The scaler's ``update()`` runs once
+        per batch, after every optimizer has stepped."""
         opt = self.opt if opt is None else opt
         if opt is None:
             raise RuntimeError("step_optimizer(): this trainer has no optimizer")
         if self.scaler is not None:
             self.scaler.step(opt)
-            self.scaler.update()
+            self._scaler_stepped = True  # the loop calls scaler.update() once, at the batch's end
         else:
             opt.step()
         opt.zero_grad(set_to_none=True)
@@ -205,7 +223,7 @@ class Context:
             raise TypeError(f"log(): name must be a non-empty string, got {name!r}")
         if name == "epoch":
             raise ValueError("log(): 'epoch' is reserved for the epoch number; pick another name")
-        self.metrics[name] = value
+        self.metrics[name] = value.detach() if isinstance(value, torch.Tensor) else value
 
     def commit_epoch(self) -> None:
         """Write this epoch's metrics into the history (called once per epoch, at its end)."""

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset, random_split
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset, random_split
 
 __all__ = ["default_unpack", "length", "resolve_data", "split_validation", "to_device"]
 
@@ -51,13 +51,19 @@ def resolve_data(
         data = _tensor_dataset(data, name)
     elif _is_array(data):  # inputs alone (predict): batches of (input,)
         data = TensorDataset(torch.as_tensor(data))
-    if isinstance(data, Dataset) and hasattr(data, "__len__"):
-        if len(data) == 0:  # type: ignore[arg-type]
+    if isinstance(data, Dataset):
+        iterable = isinstance(data, IterableDataset)
+        if not iterable and length(data) is None:
+            raise TypeError(f"{name}: a map-style Dataset needs __len__; {type(data).__name__} has none")
+        if not iterable and length(data) == 0:
             raise ValueError(f"{name} is empty (a Dataset of length 0); pass at least one sample")
         size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        return DataLoader(data, batch_size=size, shuffle=shuffle, pin_memory=device.type == "cuda")
+        # Pin host memory for fast non-blocking copies to the GPU (not tensors already there).
+        on_host = not (isinstance(data, TensorDataset) and data.tensors[0].device.type != "cpu")
+        pin = device.type == "cuda" and on_host
+        return DataLoader(data, batch_size=size, shuffle=shuffle and not iterable, pin_memory=pin)
     if batch_size is not None:
         raise ValueError(
             f"batch_size={batch_size!r} was given, but {name} is already batched "
@@ -124,6 +130,12 @@ def split_validation(
         raise ValueError(
             "batch_size was given with a DataLoader; the split keeps the loader's own batch size"
         )
+    if loader.batch_size is None:
+        raise TypeError(
+            f"valid_data={fraction!r} cannot split a DataLoader built with a batch_sampler "
+            f"({type(loader.batch_sampler).__name__}); pass the validation data as its own DataLoader"
+        )
+
     options: dict[str, Any] = {
         "batch_size": loader.batch_size,
         "collate_fn": loader.collate_fn,
@@ -171,8 +183,18 @@ def to_device(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, list):
         return [to_device(x, device) for x in obj]
     if isinstance(obj, Mapping):
-        return type(obj)({k: to_device(v, device) for k, v in obj.items()})  # type: ignore[call-arg]
+        moved = {k: to_device(v, device) for k, v in obj.items()}
+        return moved if type(obj) is dict else _same_mapping(obj, moved)
     return obj
+
+
+def _same_mapping(original: Mapping[Any, Any], moved: dict[Any, Any]) -> Any:
+    """A mapping of the original's type when it can be built from a dict (e.g. OrderedDict,
+    BatchEncoding), else the plain dict."""
+    try:
+        return type(original)(moved)  # type: ignore[call-arg]
+    except TypeError:
+        return moved
 
 
 def batch_size_of(obj: Any) -> int:

@@ -83,6 +83,7 @@ class _Slot:
 
     __slots__ = (
         "stage",
+        "owners",
         "event",
         "fns",
         "entries",
@@ -97,7 +98,8 @@ class _Slot:
         self.stage = stage
         self.event = Event(stage, ctx)
         self.fns: tuple[Callable[[Context], Any], ...] = ()
-        self.entries: tuple[tuple[float, int, Callable[[Context], Any]], ...] = ()
+        self.owners: tuple[Any, ...] = ()  # the callback of each fn, for error notes
+        self.entries: tuple[tuple[float, int, Callable[[Context], Any], Any], ...] = ()
         self.waiters: list[_Coroutine] = []
         self.filters: list[tuple[int, _Coroutine]] = []
         self.count = 0
@@ -124,7 +126,7 @@ class Driver:
         self.slots: dict[str, _Slot] = {stage: _Slot(stage, ctx) for stage in stages}
         for stage in Stage:  # built-in Stage members and their str values find the same slot
             self.slots[stage] = self.slots[stage.value]
-        entries: dict[str, list[tuple[float, int, Callable[[Context], Any]]]] = {}
+        entries: dict[str, list[tuple[float, int, Callable[[Context], Any], Any]]] = {}
         coroutines: list[tuple[_Coroutine, Any]] = []
         for position, cb in enumerate(callbacks):
             if isinstance(cb, CoroutineCallback):
@@ -133,12 +135,13 @@ class Driver:
                     coroutines.append((_Coroutine(cb, gen, position), first))
                 continue
             for name in listened_stages(type(cb)):
-                entries.setdefault(name, []).append((weight_of(cb, name), position, getattr(cb, name)))
+                entries.setdefault(name, []).append((weight_of(cb, name), position, getattr(cb, name), cb))
         for name, items in entries.items():
             items.sort(key=lambda e: (e[0], e[1]))
             slot = self.slots[name]
             slot.entries = tuple(items)
-            slot.fns = tuple(fn for _, _, fn in items)
+            slot.fns = tuple(fn for _, _, fn, _ in items)
+            slot.owners = tuple(cb for _, _, _, cb in items)
             slot.refresh()
         self._annotated: BaseException | None = None
         for co, first in coroutines:
@@ -258,11 +261,11 @@ class Driver:
                 try:
                     fn(ctx)
                 except ControlSignal as signal:
-                    self._apply(signal, fn.__self__, slot.stage)  # type: ignore[attr-defined]
+                    self._apply(signal, slot.owners[slot.fns.index(fn)], slot.stage)
                 except KeyboardInterrupt:
                     self._keyboard_interrupt()
                 except Exception as exc:
-                    self._annotate(exc, _display(fn.__self__), slot.stage)  # type: ignore[attr-defined]
+                    self._annotate(exc, _display(slot.owners[slot.fns.index(fn)]), slot.stage)
                     raise
             return
         # Coroutines are due: merge them with the class handlers by (weight, position).
@@ -270,21 +273,21 @@ class Driver:
         if slot.count >= slot.next_due:
             due.update(dict.fromkeys(co for at, co in slot.filters if at <= slot.count))
         stage = slot.stage
-        merged: list[tuple[float, int, Any]] = list(slot.entries)
-        merged.extend((weight_of(co.cb, stage), co.position, co) for co in due)
+        merged: list[tuple[float, int, Any, Any]] = list(slot.entries)
+        merged.extend((weight_of(co.cb, stage), co.position, co, co.cb) for co in due)
         merged.sort(key=lambda e: (e[0], e[1]))
-        for _, _, handler in merged:
+        for _, _, handler, owner in merged:
             if isinstance(handler, _Coroutine):
                 self._wake(handler, slot)
                 continue
             try:
                 handler(ctx)
             except ControlSignal as signal:
-                self._apply(signal, handler.__self__, stage)
+                self._apply(signal, owner, stage)
             except KeyboardInterrupt:
                 self._keyboard_interrupt()
             except Exception as exc:
-                self._annotate(exc, _display(handler.__self__), stage)
+                self._annotate(exc, _display(owner), stage)
                 raise
 
     def _wake(self, co: _Coroutine, slot: _Slot) -> None:
@@ -395,6 +398,8 @@ class Driver:
                 if method == "setup":
                     raise
                 errors.append(exc)
+        if errors and isinstance(escaping, GeneratorExit):
+            raise errors[0]  # close() raises it to its caller: a failed cleanup must not pass unseen
         if errors and escaping is not None:
             for error in errors:
                 escaping.add_note(f"and during cleanup: {error!r} ({error.__notes__[-1]})")

@@ -208,42 +208,58 @@ def _phase(
         batch = next(iterator, _END)
         if batch is _END:
             raise ValueError(f"the {phase} data yielded no batches; pass at least one batch")
+        if move:
+            batch = to_device(batch, device)
         while batch is not _END and ctx.stop_reason is None:  # a stop at *_begin runs no batch
-            if move:
-                batch = to_device(batch, device)
-            # Look one batch ahead: the step knows the last batch (gradient accumulation),
-            # and on CUDA the next batch's copy overlaps this step.
+            # Look one batch ahead: the step knows the last batch (gradient accumulation), and
+            # on CUDA the next batch's non-blocking copy overlaps this step.
             following = next(iterator, _END)
+            if move and following is not _END:
+                following = to_device(following, device)
             ctx.is_last_batch = following is _END
             ctx.iter += 1
             ctx.batch = batch
             ctx.input, ctx.target = unpack(batch)
+            ctx.pred = ctx.loss = None  # drop the last batch's graph before this forward
             ctx.skipped = False
             ctx._in_batch = True
+            ctx._batch_backward = False
             try:
                 yield batch_begin
                 if not ctx.skipped:
                     stages = step(ctx)
+                    if allowed is not None and not isinstance(stages, Generator):
+                        raise _not_a_generator(step, stages)
                     for stage in stages:
                         if allowed is not None and stage not in allowed:
                             raise _bad_step_stage(stage, batch_begin, allowed)
                         if training and stage == TRAIN_AFTER_STEP:  # ctx.step counts here only
                             ctx.step += 1
-                            if ctx.max_steps is not None and ctx.step >= ctx.max_steps:
-                                ctx.stop_training("max_steps")
+                            if (
+                                ctx.max_steps is not None
+                                and ctx.step >= ctx.max_steps
+                                and not ctx.is_last_batch
+                            ):
+                                ctx.stop_training("max_steps")  # on the last batch: after the epoch
                         yield stage
                         if ctx.skipped:
                             stages.close()
                             break
             except KeyboardInterrupt as exc:
+                ctx.skipped = True  # an interrupted batch is neither counted nor kept
                 yield from _interrupt(ctx, exc)
             ctx._in_batch = False
-            if ctx.skipped and ctx._grads_pending:
-                ctx.zero_grad()
+            if ctx.skipped and ctx._batch_backward:
+                ctx.zero_grad()  # this batch's gradients must not reach the next step
+            if ctx._scaler_stepped:  # once per batch, after every optimizer has stepped
+                ctx.scaler.update()
+                ctx._scaler_stepped = False
             yield batch_end
             if outputs is not None and not ctx.skipped:
                 outputs.append(ctx.pred)
             batch = following
+        if training and ctx._grads_pending:
+            ctx.zero_grad()  # a window cut short by a stop: nothing leaks into the next run
         if outputs:
             ctx.predictions = concat(outputs)
     except KeyboardInterrupt as exc:
@@ -255,6 +271,14 @@ _PHASE_STAGES = {
     phase: tuple(Stage(f"on_{phase}_{part}") for part in ("begin", "batch_begin", "batch_end", "end"))
     for phase in ("train", "valid", "predict")
 }
+
+
+def _not_a_generator(step: Step, returned: Any) -> TypeError:
+    name = getattr(step, "__qualname__", repr(step))
+    return TypeError(
+        f"the step {name} returned {type(returned).__name__}, not a generator; a step is a "
+        "generator function that yields its stages, e.g. `yield 'on_train_batch_after_loss'`"
+    )
 
 
 def _bad_step_stage(stage: Any, begin: Stage, allowed: Collection[str]) -> ValueError:
@@ -292,6 +316,8 @@ def fit_loop(ctx: Context, train: Step, valid: Step, allowed: Mapping[str, Colle
                     yield from _phase(ctx, "valid", ctx.valid_data, valid, allowed["valid"])
                 if ctx.stop_reason is None:
                     ctx.completed_epochs += 1
+                    if ctx.max_steps is not None and ctx.step >= ctx.max_steps:
+                        ctx.stop_training("max_steps")  # reached on the epoch's last batch
             except KeyboardInterrupt as exc:
                 yield from _interrupt(ctx, exc)
             yield Stage.on_epoch_end
@@ -319,8 +345,10 @@ def concat(outputs: list[Any]) -> Any:
         return torch.cat([o if o.ndim else o.reshape(1) for o in outputs]).cpu()
     if isinstance(first, tuple) and hasattr(first, "_fields"):
         return type(first)(*(concat([o[i] for o in outputs]) for i in range(len(first))))
-    if isinstance(first, (tuple, list)):
+    if isinstance(first, tuple):
         return type(first)(concat([o[i] for o in outputs]) for i in range(len(first)))
+    if isinstance(first, list):  # one entry per sample (e.g. detection models): join the lists
+        return [item for output in outputs for item in output]
     if isinstance(first, Mapping):
         return {k: concat([o[k] for o in outputs]) for k in first}
     return list(outputs)

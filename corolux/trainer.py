@@ -262,6 +262,7 @@ class Trainer:
         """
         driver, make_loop = self._prepare_evaluate(data, callbacks, metrics, batch_size)
         self._drive(driver, make_loop)
+        _warn_if_interrupted(driver.ctx, "evaluate()", "the metrics cover")
         return {k.removeprefix("valid_"): v for k, v in driver.ctx.metrics.items()}
 
     def run_predict(
@@ -278,6 +279,7 @@ class Trainer:
         CPU (leaf by leaf for tuple or dict outputs). Targets in the batches are ignored."""
         driver, make_loop = self._prepare_predict(data, callbacks, batch_size)
         self._drive(driver, make_loop)
+        _warn_if_interrupted(driver.ctx, "predict()", "the predictions cover")
         return driver.ctx.predictions
 
     # -- preparing a run -----------------------------------------------------------------------
@@ -435,6 +437,15 @@ class Trainer:
         return (
             f"Trainer({type(self.model).__name__}, device={str(self.device)!r}, "
             f"optimizers={list(self.optimizers)}, precision={self.precision!r})"
+        )
+
+
+def _warn_if_interrupted(ctx: Context, call: str, what: str) -> None:
+    if ctx.history.interrupted:
+        warnings.warn(
+            f"{call} was interrupted by Ctrl-C at batch {ctx.iter}: {what} the batches before it only",
+            RuntimeWarning,
+            stacklevel=3,
         )
 
 

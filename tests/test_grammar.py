@@ -126,7 +126,10 @@ def check_semantics(config: RunConfig, rec: Recording, stream: list[str], comple
         end = where.end_of.get(j)
         skipped = any(j <= i < (end if end is not None else n) for i in skips)
         interrupted = "on_interrupt" in stream[j : end if end is not None else n]
-        if end is not None and not skipped:
+        if end is not None and interrupted:
+            # Ctrl-C inside a batch: its step did not finish, so it is neither counted nor kept.
+            assert rec.skipped_at.get(end) is True, f"ctx.skipped false on an interrupted batch ({end})"
+        elif end is not None and not skipped:
             assert rec.skipped_at.get(end) is False, f"ctx.skipped true on a batch nobody skipped ({end})"
         if end is not None and not skipped and not interrupted:
             inner = stream[j + 1 : end]
