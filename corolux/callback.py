@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import numbers
+import weakref
 from collections.abc import Callable, Generator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -43,12 +45,22 @@ class Callback:
 
 def listened_stages(cls: type) -> tuple[str, ...]:
     """The ``on_*`` method names that ``cls`` (or its bases) defines, in definition order."""
+    try:
+        return _LISTENED[cls]
+    except (KeyError, TypeError):
+        pass
     names: dict[str, None] = {}
     for klass in reversed(cls.__mro__):
         for name, value in vars(klass).items():
             if name.startswith("on_") and callable(value):
                 names[name] = None
-    return tuple(names)
+    stages = tuple(names)
+    with contextlib.suppress(TypeError):
+        _LISTENED[cls] = stages
+    return stages
+
+
+_LISTENED: weakref.WeakKeyDictionary[type, tuple[str, ...]] = weakref.WeakKeyDictionary()
 
 
 def weight_of(cb: Any, stage: str) -> float:

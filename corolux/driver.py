@@ -11,6 +11,7 @@ to costs one dict look-up and two attribute writes.
 from __future__ import annotations
 
 import contextlib
+import operator
 import signal
 import threading
 import warnings
@@ -27,6 +28,7 @@ from corolux.events import Event, Filter, Stage
 __all__ = ["Driver", "check_callbacks", "context_of", "graceful_sigint"]
 
 _NEVER = float("inf")
+_ORDER = operator.itemgetter(0, 1)  # handlers run by (weight, position)
 Loop = Generator[Stage | str, None, None]
 
 
@@ -68,7 +70,7 @@ def check_callbacks(callbacks: Sequence[Any], stages: Collection[str]) -> None:
 class _Coroutine:
     """A running coroutine callback: its generator and where it waits."""
 
-    __slots__ = ("cb", "gen", "name", "position", "slots")
+    __slots__ = ("cb", "gen", "name", "position", "slots", "spec", "weights")
 
     def __init__(self, cb: CoroutineCallback, gen: Generator[Any, Event, None], position: int):
         self.cb = cb
@@ -76,6 +78,14 @@ class _Coroutine:
         self.name = cb.name
         self.position = position
         self.slots: list[_Slot] = []
+        self.spec: Any = None  # what it waits for now
+        self.weights: dict[str, float] = {}
+
+    def weight(self, stage: str) -> float:
+        weight = self.weights.get(stage)
+        if weight is None:
+            weight = self.weights[stage] = weight_of(self.cb, stage)
+        return weight
 
 
 class _Slot:
@@ -149,19 +159,19 @@ class Driver:
 
     # -- the run -------------------------------------------------------------------------------
 
-    def start(
-        self, make_loop: Callable[[], Generator[Stage | str, None, None]]
-    ) -> Generator[Event, None, None]:
+    def start(self, make_loop: Callable[[], Loop], *, quiet: bool = False) -> Generator[Event, None, None]:
         """Return the run's event generator (what ``Trainer.run()`` returns); nothing runs
         until its first ``next()``. ``context_of(gen)`` finds this run's ``ctx``."""
-        gen = self.events(make_loop)
+        gen = self.events(make_loop, quiet=quiet)
         _CONTEXTS[gen] = self.ctx
         return gen
 
-    def events(
-        self, make_loop: Callable[[], Generator[Stage | str, None, None]]
-    ) -> Generator[Event, None, None]:
-        """Set up, drive the loop and its callbacks, tear down; yield each Event."""
+    def events(self, make_loop: Callable[[], Loop], *, quiet: bool = False) -> Generator[Event, None, None]:
+        """Set up, drive the loop and its callbacks, tear down; yield each Event.
+
+        ``quiet=True`` (``fit()``, which has no consumer) runs the same dispatch without
+        suspending at each event: the whole run happens in the first ``next()``.
+        """
         __tracebackhide__ = True
         ctx = self.ctx
         slots = self.slots
@@ -181,10 +191,13 @@ class Driver:
                     ctx.stage = stage
                     if slot.active:
                         self._dispatch(slot)
-                    yield slot.event
+                    if not quiet:
+                        yield slot.event
                     if not ctx._attention:
                         break
-                    yield from self._emitted()
+                    for event in self._emitted():
+                        if not quiet:
+                            yield event
                     thrown = self._interrupt(loop)
                     if thrown is None:
                         break
@@ -204,7 +217,8 @@ class Driver:
                 except Exception as nested:
                     exc.add_note(f"and while handling it, on_exception raised {nested!r}")
             escaping = exc
-            yield slot.event
+            if not quiet:
+                yield slot.event
             raise
         except BaseException as exc:  # KeyboardInterrupt (abort), GeneratorExit (close)
             escaping = exc
@@ -274,8 +288,8 @@ class Driver:
             due.update(dict.fromkeys(co for at, co in slot.filters if at <= slot.count))
         stage = slot.stage
         merged: list[tuple[float, int, Any, Any]] = list(slot.entries)
-        merged.extend((weight_of(co.cb, stage), co.position, co, co.cb) for co in due)
-        merged.sort(key=lambda e: (e[0], e[1]))
+        merged.extend((co.weight(stage), co.position, co, co.cb) for co in due)
+        merged.sort(key=_ORDER)
         for _, _, handler, owner in merged:
             if isinstance(handler, _Coroutine):
                 self._wake(handler, slot)
@@ -292,12 +306,13 @@ class Driver:
 
     def _wake(self, co: _Coroutine, slot: _Slot) -> None:
         __tracebackhide__ = True
-        self._unwait(co)
         try:
             spec = co.gen.send(slot.event)
         except StopIteration:
+            self._unwait(co)
             return
         except ControlSignal as signal:
+            self._unwait(co)
             self._apply(signal, co.cb, slot.stage)
             warnings.warn(
                 f"coroutine {co.name} raised {type(signal).__name__} at {str(slot.stage)!r}, which "
@@ -308,11 +323,16 @@ class Driver:
             )
             return
         except KeyboardInterrupt:
+            self._unwait(co)
             self._keyboard_interrupt()
             return
         except Exception as exc:
+            self._unwait(co)
             self._annotate(exc, co.name, slot.stage)
             raise
+        if type(spec) is str and spec == co.spec or spec is co.spec and isinstance(spec, Stage):
+            return  # waits for the same stage again: its registration stands
+        self._unwait(co)
         try:
             self._wait(co, spec)
         except Exception as exc:
@@ -333,6 +353,7 @@ class Driver:
                 "for: a stage name, a collection of them, or a filter such as "
                 "corolux.every('on_train_batch_end', 100)"
             )
+        co.spec = spec
         for item in items:
             name = item.stage if isinstance(item, Filter) else item
             if not isinstance(item, (str, Filter)) or name not in self.stages:

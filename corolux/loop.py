@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from corolux.context import Context
-from corolux.data import length, to_device
+from corolux.data import default_unpack, length, to_device
 from corolux.events import Stage
 
 __all__ = [
@@ -200,6 +200,7 @@ def _phase(
     ctx._check_loss = True
     outputs: list[Any] | None = [] if phase == "predict" else None
     unpack = ctx.unpack
+    default_pairs = unpack is default_unpack
     device = ctx.device
     move = device.type != "cpu"  # on the CPU a batch is used as it comes
     try:
@@ -219,7 +220,10 @@ def _phase(
             ctx.is_last_batch = following is _END
             ctx.iter += 1
             ctx.batch = batch
-            ctx.input, ctx.target = unpack(batch)
+            if default_pairs and type(batch) is tuple and len(batch) == 2:
+                ctx.input, ctx.target = batch  # the common layout, without a call
+            else:
+                ctx.input, ctx.target = unpack(batch)
             ctx.pred = ctx.loss = None  # drop the last batch's graph before this forward
             ctx.skipped = False
             ctx._in_batch = True

@@ -307,7 +307,8 @@ class LossTracker:
     """The per-sample mean of the batch losses, with no tensor op and no sync per step.
 
     It keeps the detached losses and folds them into a device-side sum every
-    ``fold_every`` batches (bounded memory); ``compute()`` reduces once.
+    ``fold_every`` batches, or when the batch size changes (bounded memory);
+    ``compute()`` reduces once.
     """
 
     higher_is_better = False
@@ -319,30 +320,29 @@ class LossTracker:
 
     def reset(self) -> None:
         self._losses: list[torch.Tensor] = []
-        self._sizes: list[int] = []
+        self._size = 0  # the batch size of the losses kept
         self._total: torch.Tensor | float = 0.0
         self._count = 0
 
     def update(self, loss: torch.Tensor, size: int) -> None:
-        self._losses.append(loss.detach())
-        self._sizes.append(size)
-        if len(self._losses) >= self.fold_every:
+        if size != self._size:
+            self._fold()
+            self._size = size
+        losses = self._losses
+        losses.append(loss.detach())
+        if len(losses) >= self.fold_every:
             self._fold()
 
     def _fold(self) -> None:
-        groups: dict[int, list[torch.Tensor]] = {}
-        for loss, size in zip(self._losses, self._sizes, strict=True):
-            groups.setdefault(size, []).append(loss)
-        for size, losses in groups.items():
-            self._total = self._total + torch.stack(losses).float().sum() * size
-            self._count += size * len(losses)
-        self._losses.clear()
-        self._sizes.clear()
+        if self._losses:
+            self._total = self._total + torch.stack(self._losses).float().sum() * self._size
+            self._count += self._size * len(self._losses)
+            self._losses.clear()
 
     @property
     def count(self) -> int:
         """The number of samples seen."""
-        return self._count + sum(self._sizes)
+        return self._count + self._size * len(self._losses)
 
     def compute(self) -> float:
         self._fold()

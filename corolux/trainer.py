@@ -417,15 +417,17 @@ class Trainer:
                 "it (gen.close(), or break out of its for loop) before starting another"
             )
 
-    def _start(self, driver: Driver, make_loop: Callable[[], loop.Loop]) -> Generator[Event, None, None]:
-        gen = driver.start(make_loop)
+    def _start(
+        self, driver: Driver, make_loop: Callable[[], loop.Loop], *, quiet: bool = False
+    ) -> Generator[Event, None, None]:
+        gen = driver.start(make_loop, quiet=quiet)
         self._open_run = weakref.ref(gen)
         return gen
 
     def _drive(self, driver: Driver, make_loop: Callable[[], loop.Loop]) -> None:
-        gen = self._start(driver, make_loop)
+        gen = self._start(driver, make_loop, quiet=True)  # no consumer: no per-event suspension
         with graceful_sigint(driver.ctx):
-            deque(gen, maxlen=0)  # consume at C speed
+            deque(gen, maxlen=0)
 
     def stepper(self, *args: Any, **kwargs: Any) -> Any:
         """Step through ``run(*args, **kwargs)`` in a REPL: ``corolux.Stepper(self.run(...))``."""

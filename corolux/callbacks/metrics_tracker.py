@@ -53,9 +53,9 @@ class MetricsTracker(Callback):
         if ctx.skipped:
             return
         target = ctx.target
-        if type(target) is torch.Tensor and target.ndim:
+        try:
             size = target.shape[0]
-        else:
+        except (AttributeError, IndexError, TypeError):  # not a batched tensor
             size = batch_size_of(ctx.input if target is None else target)
         if ctx.losses and ctx.training:  # several optimizers: one loss each
             losses = self._losses
@@ -83,8 +83,7 @@ class MetricsTracker(Callback):
     def on_train_begin(self, ctx: Context) -> None:
         self._begin(ctx, self.train_metrics)
 
-    def on_train_batch_end(self, ctx: Context) -> None:
-        self._batch_end(ctx)
+    on_train_batch_end = _batch_end
 
     def on_train_end(self, ctx: Context) -> None:
         self._end(ctx, "train")
@@ -92,8 +91,7 @@ class MetricsTracker(Callback):
     def on_valid_begin(self, ctx: Context) -> None:
         self._begin(ctx, self.valid_metrics)
 
-    def on_valid_batch_end(self, ctx: Context) -> None:
-        self._batch_end(ctx)
+    on_valid_batch_end = _batch_end
 
     def on_valid_end(self, ctx: Context) -> None:
         self._end(ctx, "valid")
