@@ -190,7 +190,14 @@ class Driver:
                     slot.count += 1
                     ctx.stage = stage
                     if slot.active:
-                        self._dispatch(slot)
+                        if slot.waiters or slot.count >= slot.next_due:
+                            self._dispatch(slot)  # coroutines are due: merge them in
+                        else:  # class handlers only: the hot path, written out
+                            for fn in slot.fns:
+                                try:
+                                    fn(ctx)
+                                except BaseException as exc:
+                                    self._failed(exc, slot.owners[slot.fns.index(fn)], stage)
                     if not quiet:
                         yield slot.event
                     if not ctx._attention:
@@ -274,13 +281,8 @@ class Driver:
             for fn in slot.fns:
                 try:
                     fn(ctx)
-                except ControlSignal as signal:
-                    self._apply(signal, slot.owners[slot.fns.index(fn)], slot.stage)
-                except KeyboardInterrupt:
-                    self._keyboard_interrupt()
-                except Exception as exc:
-                    self._annotate(exc, _display(slot.owners[slot.fns.index(fn)]), slot.stage)
-                    raise
+                except BaseException as exc:
+                    self._failed(exc, slot.owners[slot.fns.index(fn)], slot.stage)
             return
         # Coroutines are due: merge them with the class handlers by (weight, position).
         due = dict.fromkeys(slot.waiters)
@@ -296,13 +298,8 @@ class Driver:
                 continue
             try:
                 handler(ctx)
-            except ControlSignal as signal:
-                self._apply(signal, owner, stage)
-            except KeyboardInterrupt:
-                self._keyboard_interrupt()
-            except Exception as exc:
-                self._annotate(exc, _display(owner), stage)
-                raise
+            except BaseException as exc:
+                self._failed(exc, owner, stage)
 
     def _wake(self, co: _Coroutine, slot: _Slot) -> None:
         __tracebackhide__ = True
@@ -380,6 +377,20 @@ class Driver:
         co.slots = []
 
     # -- signals and errors ----------------------------------------------------------------
+
+    def _failed(self, exc: BaseException, owner: Any, stage: str) -> None:
+        """A class handler raised ``exc``: apply a signal, turn Ctrl-C into a graceful stop,
+        or note the callback and stage on an error and re-raise it."""
+        __tracebackhide__ = True
+        if isinstance(exc, ControlSignal):
+            self._apply(exc, owner, stage)
+        elif isinstance(exc, KeyboardInterrupt):
+            self._keyboard_interrupt()
+        elif isinstance(exc, Exception):
+            self._annotate(exc, _display(owner), stage)
+            raise exc
+        else:
+            raise exc
 
     def _apply(self, signal: ControlSignal, owner: Any, stage: str) -> None:
         try:
