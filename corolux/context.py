@@ -8,7 +8,6 @@ from typing import Any
 import torch
 
 from corolux._suggest import did_you_mean
-from corolux.data import default_unpack as _unpack_default
 from corolux.events import ONE_OFF_STAGES, Stage
 from corolux.history import History
 
@@ -42,6 +41,7 @@ class Context:
         hparams: Mapping[str, Any] | None = None,
         is_main_process: bool = True,
         stages: frozenset[str] = frozenset(),
+        unpack: Callable[[Any], tuple[Any, Any]],
     ) -> None:
         self.model = model
         self.optimizers: dict[str, torch.optim.Optimizer] = dict(optimizers)
@@ -89,8 +89,8 @@ class Context:
         self.predictions: Any = None
         #: Builds the autocast context of the forward, or None at full precision.
         self.autocast: Callable[[], Any] | None = None
-        #: Splits a batch into (input, target).
-        self.unpack: Callable[[Any], tuple[Any, Any]] = _unpack_default
+        #: Splits a batch into (input, target) (the trainer's ``unpack``).
+        self.unpack: Callable[[Any], tuple[Any, Any]] = unpack
         #: Every stage name this run knows: the built-in ones and the trainer's custom ones.
         self.stages = stages
         self._check_loss = True

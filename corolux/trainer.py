@@ -379,9 +379,9 @@ class Trainer:
             hparams=self.hparams,
             is_main_process=is_main_process(),
             stages=self.all_stages,
+            unpack=self.unpack,
         )
         ctx.autocast = self._autocast
-        ctx.unpack = self.unpack
         if len(self.optimizers) > 1:
             ctx._params = {
                 id(opt): [p for group in opt.param_groups for p in group["params"] if p.requires_grad]
