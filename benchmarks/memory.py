@@ -35,6 +35,7 @@ import json
 import platform
 import sys
 import tempfile
+import warnings
 import weakref
 from typing import Any
 
@@ -58,14 +59,17 @@ def live_tensors() -> tuple[int, int]:
     """(count, bytes of distinct storages) of the tensors Python can see."""
     gc.collect()
     count, storages = 0, {}
-    for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor):
-            count += 1
-            try:
-                storage = obj.untyped_storage()
-                storages[storage.data_ptr()] = storage.nbytes()
-            except Exception:  # sparse, meta, ...: counted, not sized
-                pass
+    with warnings.catch_warnings():  # isinstance() on every object touches deprecated torch names
+        warnings.simplefilter("ignore")
+        tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+    for obj in tensors:
+        count += 1
+        try:
+            storage = obj.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        except Exception:  # sparse, meta, ...: counted, not sized
+            pass
+    del tensors
     return count, sum(storages.values())
 
 
