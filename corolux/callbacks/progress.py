@@ -30,12 +30,14 @@ def attached_to_terminal() -> bool:
 class ProgressBar(Callback):
     """Show a bar per phase with the epoch counter and the running loss.
 
-    The bar reads the loss (a host-device sync) at most ``refresh_per_second`` times per
-    second, never once per step. A default callback (weight 100, after user callbacks);
-    pass ``ProgressBar(...)`` in ``callbacks`` to change it, ``Trainer(progress=False)`` to drop it.
+    The epoch's train bar stays open while validation runs below it, then ends with the
+    epoch's metrics on one line (``loss``, ``acc``, ``valid_loss``, ``valid_acc``). The bar
+    reads the loss (a host-device sync) at most ``refresh_per_second`` times per second,
+    never once per step. A default callback (weight 100, after user callbacks); pass
+    ``ProgressBar(...)`` in ``callbacks`` to change it, ``Trainer(progress=False)`` to drop it.
 
     Args:
-        leave: keep each finished bar on screen.
+        leave: keep each epoch's finished bar on screen.
         file: where to write (default ``sys.stderr``).
         refresh_per_second: how often the bar and its loss are updated.
     """
@@ -48,21 +50,25 @@ class ProgressBar(Callback):
         self.leave = leave
         self.file = file
         self.interval = 1.0 / refresh_per_second
-        self.bar: Any = None
+        self.bars: dict[str, Any] = {}  # phase -> its open tqdm bar
+        self.bar: Any = None  # the bar of the running phase
         self._next_refresh = 0.0
         self._loss = math.nan
 
     def _open(self, ctx: Context, phase: str) -> None:
         from tqdm.auto import tqdm
 
-        self._close()
+        self._close(phase)
         if not ctx.is_main_process:
             return
-        desc = phase if ctx.max_epochs == 0 else f"Epoch {ctx.epoch}/{ctx.max_epochs} {phase}"
-        self.bar = tqdm(
+        in_epoch = ctx.max_epochs > 0 and phase != "predict"
+        desc = f"Epoch {ctx.epoch}/{ctx.max_epochs} {phase}" if in_epoch else phase
+        # Validation inside an epoch is a transient bar under the epoch's train bar.
+        nested = phase == "valid" and "train" in self.bars
+        self.bar = self.bars[phase] = tqdm(
             total=ctx.num_batches,
             desc=desc,
-            leave=self.leave and phase != "valid",
+            leave=self.leave and not nested,
             file=self.file,
             dynamic_ncols=True,
             mininterval=self.interval,
@@ -82,29 +88,40 @@ class ProgressBar(Callback):
             self.bar.set_postfix(loss=f"{self._loss:.4g}", refresh=False)
 
     def _end(self, ctx: Context, phase: str) -> None:
-        bar = self.bar
+        bar = self.bars.get(phase)
         if bar is None:
             return
         bar.update(ctx.iter - bar.n)
-        shown = {
-            k.removeprefix(f"{phase}_"): f"{v:.4g}"
-            for k, v in ctx.metrics.items()
-            if k.startswith(f"{phase}_") and isinstance(v, float)
-        }
-        if shown:
-            bar.set_postfix(shown, refresh=False)
-        self._close()
+        self.bar = None
+        if phase == "valid" and "train" in self.bars:  # the epoch line gets the valid metrics
+            self._close(phase)
+            self._show_metrics(self.bars["train"], ctx, ("train", "valid"))
+            return
+        self._show_metrics(bar, ctx, (phase,))
+        if phase != "train" or ctx.max_epochs == 0:
+            self._close(phase)
+        # An epoch's train bar stays open until on_epoch_end, for the validation metrics.
 
-    def _close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+    @staticmethod
+    def _show_metrics(bar: Any, ctx: Context, phases: tuple[str, ...]) -> None:
+        shown = {}
+        for key, value in ctx.metrics.items():
+            phase, _, name = key.partition("_")
+            if phase in phases and isinstance(value, float):
+                shown[name if phase == phases[0] else key] = f"{value:.4g}"
+        if shown:
+            bar.set_postfix(shown, refresh=True)
+
+    def _close(self, phase: str | None = None) -> None:
+        for name in [phase] if phase is not None else list(self.bars):
+            bar = self.bars.pop(name, None)
+            if bar is not None:
+                bar.close()
 
     def on_train_begin(self, ctx: Context) -> None:
         self._open(ctx, "train")
 
-    def on_train_batch_end(self, ctx: Context) -> None:
-        self._batch_end(ctx)
+    on_train_batch_end = _batch_end
 
     def on_train_end(self, ctx: Context) -> None:
         self._end(ctx, "train")
@@ -112,23 +129,25 @@ class ProgressBar(Callback):
     def on_valid_begin(self, ctx: Context) -> None:
         self._open(ctx, "valid")
 
-    def on_valid_batch_end(self, ctx: Context) -> None:
-        self._batch_end(ctx)
+    on_valid_batch_end = _batch_end
 
     def on_valid_end(self, ctx: Context) -> None:
         self._end(ctx, "valid")
 
+    def on_epoch_end(self, ctx: Context) -> None:
+        self._close()
+
     def on_predict_begin(self, ctx: Context) -> None:
         self._open(ctx, "predict")
 
-    def on_predict_batch_end(self, ctx: Context) -> None:
-        self._batch_end(ctx)
+    on_predict_batch_end = _batch_end
 
     def on_predict_end(self, ctx: Context) -> None:
         self._end(ctx, "predict")
 
     def teardown(self, ctx: Context) -> None:
         self._close()
+        self.bar = None
 
     def __repr__(self) -> str:
         return f"ProgressBar(leave={self.leave})"
