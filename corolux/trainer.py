@@ -7,17 +7,24 @@ Every entry point drives the same loop generator (``corolux.loop``) through a ``
 from __future__ import annotations
 
 import inspect
-import random
 import warnings
 import weakref
 from collections import deque
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from corolux import loop
 from corolux._suggest import did_you_mean
+from corolux.arguments import (
+    OptimizerSpec,
+    check_metrics,
+    resolve_device,
+    resolve_epochs,
+    resolve_optimizers,
+    seed_everything,
+)
 from corolux.callbacks import MetricsTracker, ProgressBar
 from corolux.callbacks.progress import attached_to_terminal
 from corolux.context import Context
@@ -26,17 +33,12 @@ from corolux.distributed import is_main_process
 from corolux.driver import Driver, graceful_sigint
 from corolux.events import TRAIN_STEP_STAGES, VALID_STEP_STAGES, Event, Stage
 from corolux.history import History
-from corolux.metrics import check_metric, metric_name
+from corolux.metrics import metric_name
 from corolux.precision import autocast_factory, make_scaler
 
 __all__ = ["Trainer", "fit"]
 
 Step = Callable[[Context], Generator[Stage | str, None, None]]
-OptimizerSpec = (
-    torch.optim.Optimizer
-    | Callable[[Iterator[torch.nn.Parameter]], torch.optim.Optimizer]
-    | Mapping[str, Any]
-)
 
 
 class Trainer:
@@ -120,9 +122,9 @@ class Trainer:
         self.precision = str(precision)
         self._autocast = autocast_factory(self.precision, self.device)
         self.scaler = make_scaler(self.precision, self.device)
-        self.metrics = _check_metrics(metrics, "metrics")
-        self.train_metrics = self.metrics + _check_metrics(train_metrics, "train_metrics")
-        self.valid_metrics = self.metrics + _check_metrics(valid_metrics, "valid_metrics")
+        self.metrics = check_metrics(metrics, "metrics")
+        self.train_metrics = self.metrics + check_metrics(train_metrics, "train_metrics")
+        self.valid_metrics = self.metrics + check_metrics(valid_metrics, "valid_metrics")
         for phase, group in (("train", self.train_metrics), ("valid", self.valid_metrics)):
             names = [metric_name(m) for m in group]
             duplicates = sorted({n for n in names if names.count(n) > 1} | ({"loss"} & set(names)))
@@ -350,7 +352,7 @@ class Trainer:
         ctx.valid_data = resolve_data(
             data, name="data", batch_size=batch_size, shuffle=False, device=self.device
         )
-        valid_metrics = self.valid_metrics if metrics is None else _check_metrics(metrics, "metrics")
+        valid_metrics = self.valid_metrics if metrics is None else check_metrics(metrics, "metrics")
         defaults = [MetricsTracker((), valid_metrics), ProgressBar()]
         driver = Driver(ctx, self._callbacks(defaults, callbacks), self.all_stages)
         step, allowed = self._steps["valid"][0], self._allowed("valid")
@@ -449,113 +451,6 @@ def _warn_if_interrupted(ctx: Context, call: str, what: str) -> None:
             RuntimeWarning,
             stacklevel=3,
         )
-
-
-# -- resolving arguments -----------------------------------------------------------------------
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` -> cuda if available, else mps, else cpu; anything else -> ``torch.device``."""
-    if isinstance(device, str) and device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(
-            f"device must be 'auto' or a torch device such as 'cpu' or 'cuda:0', got {device!r}"
-        ) from None
-
-
-def resolve_optimizers(
-    spec: OptimizerSpec | None, model: torch.nn.Module
-) -> dict[str, torch.optim.Optimizer]:
-    """An Optimizer, a factory ``params -> Optimizer`` or a dict of them -> ``{name: Optimizer}``."""
-    if spec is None:
-        return {}
-    if isinstance(spec, Mapping):
-        if not spec:
-            raise ValueError("optimizer={} is empty; give at least one name -> optimizer")
-        return {str(name): _one_optimizer(value, model, name) for name, value in spec.items()}
-    return {"opt": _one_optimizer(spec, model, None)}
-
-
-def _one_optimizer(value: Any, model: torch.nn.Module, name: str | None) -> torch.optim.Optimizer:
-    if isinstance(value, torch.optim.Optimizer):
-        return value
-    where = "optimizer" if name is None else f"optimizer[{name!r}]"
-    if callable(value) and not isinstance(value, type):
-        if name is None:
-            params = model.parameters()
-        else:
-            try:
-                params = model.get_submodule(name).parameters()
-            except AttributeError:
-                children = [n for n, _ in model.named_children()]
-                raise ValueError(
-                    f"{where} is a factory, so it gets the parameters of the submodule "
-                    f"{name!r}, but the model has none;{did_you_mean(name, children) or ''} "
-                    f"submodules: {children}. Name the optimizer after a submodule, or pass "
-                    "an Optimizer built on the parameters you want"
-                ) from None
-        optimizer = value(params)
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"{where}: the factory returned {type(optimizer).__name__}, not an Optimizer")
-        return optimizer
-    hint = (
-        f" (call it with the parameters: lambda p: {value.__name__}(p, lr=...))"
-        if isinstance(value, type)
-        else ""
-    )
-    raise TypeError(
-        f"{where} must be a torch.optim.Optimizer, a factory params -> Optimizer, or a dict of "
-        f"them, got {type(value).__name__}{hint}"
-    )
-
-
-def resolve_epochs(epochs: Any) -> tuple[int, int]:
-    """``n`` -> ``(n, n)``; ``(min, max)`` checked."""
-
-    def is_int(x: Any) -> bool:
-        return isinstance(x, int) and not isinstance(x, bool)
-
-    if is_int(epochs):
-        if epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {epochs!r}")
-        return epochs, epochs
-    if isinstance(epochs, (tuple, list)) and len(epochs) == 2 and all(map(is_int, epochs)):
-        low, high = epochs
-        if not 0 <= low <= high or high < 1:
-            raise ValueError(f"epochs=(min, max) needs 0 <= min <= max and max >= 1, got {tuple(epochs)!r}")
-        return low, high
-    raise TypeError(f"epochs must be an int or a (min_epochs, max_epochs) pair, got {epochs!r}")
-
-
-def _check_metrics(metrics: Sequence[Any] | None, argument: str) -> list[Any]:
-    if metrics is None:
-        return []
-    if not isinstance(metrics, (list, tuple)):
-        raise TypeError(
-            f"{argument} must be a list of metrics, got {type(metrics).__name__}; wrap it: [metric]"
-        )
-    for metric in metrics:
-        check_metric(metric, argument)
-    return list(metrics)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch, ``random`` and NumPy (when installed)."""
-    torch.manual_seed(seed)
-    random.seed(seed)
-    try:
-        import numpy as np
-    except ImportError:
-        return
-    np.random.seed(seed % 2**32)
 
 
 _TRAINER_ARGS = frozenset(inspect.signature(Trainer.__init__).parameters) - {"self", "model"}
