@@ -152,6 +152,17 @@ class Context:
         self._emitted.append(stage)
         self._attention = True
 
+    @property
+    def _aborting(self) -> bool:
+        """A Ctrl-C now aborts: a graceful stop has already begun, or Ctrl-C came twice."""
+        return self._interrupted or self._sigint_count >= 2
+
+    def _stop_for_interrupt(self) -> None:
+        """Begin the graceful stop of a first Ctrl-C."""
+        self._interrupted = True
+        self.history.interrupted = True
+        self.stop_training("interrupted")
+
     def request_interrupt(self) -> None:
         """Ask for a graceful stop at the next event, as Ctrl-C does under ``fit()``."""
         self._interrupt_pending = True

@@ -264,12 +264,10 @@ class Driver:
         except StopIteration:
             return None
         except KeyboardInterrupt:
-            if ctx._interrupted or ctx._sigint_count >= 2:
+            if ctx._aborting:
                 raise  # a second Ctrl-C: abort
             # No scope was left open (the run was at its last event): it simply ends here.
-            ctx._interrupted = True
-            ctx.history.interrupted = True
-            ctx.stop_training("interrupted")
+            ctx._stop_for_interrupt()
             return None
 
     # -- dispatch ------------------------------------------------------------------------------
@@ -402,7 +400,7 @@ class Driver:
     def _keyboard_interrupt(self) -> None:
         """Ctrl-C inside a handler: a graceful stop via the loop, unless it is a second one."""
         ctx = self.ctx
-        if ctx._interrupted or ctx._sigint_count >= 2:
+        if ctx._aborting:
             raise KeyboardInterrupt
         ctx.request_interrupt()
 
@@ -479,7 +477,7 @@ def graceful_sigint(ctx: Context) -> Iterator[None]:
 
     def on_sigint(signum: int, frame: Any) -> None:
         ctx._sigint_count += 1
-        if ctx._sigint_count >= 2 or ctx._interrupted:
+        if ctx._aborting:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
         ctx.request_interrupt()

@@ -169,11 +169,9 @@ def predict_step(ctx: Context) -> Generator[Stage, None, None]:
 def _interrupt(ctx: Context, exc: KeyboardInterrupt) -> Generator[Stage, None, None]:
     """Turn a first Ctrl-C into a graceful stop and yield ``on_interrupt``; re-raise a second
     one (abort)."""
-    if ctx._interrupted or ctx._sigint_count >= 2:
+    if ctx._aborting:
         raise exc
-    ctx._interrupted = True
-    ctx.history.interrupted = True
-    ctx.stop_training("interrupted")
+    ctx._stop_for_interrupt()
     yield Stage.on_interrupt
 
 
