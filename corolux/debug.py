@@ -8,14 +8,13 @@ loop or the driver knows about it, so a run without a stepper pays nothing for i
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections import deque
 from collections.abc import Callable, Collection, Iterator
 from typing import TYPE_CHECKING, Any
 
 from corolux._suggest import unknown_stage_message
 from corolux.context import Context
-from corolux.driver import context_of, graceful_sigint
+from corolux.driver import context_of, graceful_sigint, warn_if_interrupted
 from corolux.events import ONE_OFF_STAGES, Event, Stage
 
 if TYPE_CHECKING:
@@ -249,15 +248,8 @@ class Stepper:
                     self._end = "finished"
         if self._ctx is None:
             return None
-        history = self._ctx.history
-        if history.interrupted:
-            warnings.warn(
-                f"training interrupted by Ctrl-C in epoch {self._ctx.epoch}; returning the "
-                f"history of the {len(history)} epoch(s) recorded",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        return history
+        warn_if_interrupted(self._ctx)
+        return self._ctx.history
 
     def close(self) -> None:
         """Abandon the run: nothing more is yielded, cleanup runs (teardown, files, bars),

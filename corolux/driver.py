@@ -25,7 +25,7 @@ from corolux.context import Context
 from corolux.control import ControlSignal
 from corolux.events import Event, Filter, Stage
 
-__all__ = ["Driver", "check_callbacks", "context_of", "graceful_sigint"]
+__all__ = ["Driver", "check_callbacks", "context_of", "graceful_sigint", "warn_if_interrupted"]
 
 _NEVER = float("inf")
 _ORDER = operator.itemgetter(0, 1)  # handlers run by (weight, position)
@@ -465,6 +465,18 @@ def context_of(events: Iterator[Event]) -> Context | None:
         return _CONTEXTS.get(events)  # type: ignore[call-overload]
     except TypeError:  # not weak-referenceable: not one of ours
         return None
+
+
+def warn_if_interrupted(ctx: Context, stacklevel: int = 3) -> None:
+    """Warn that a run driven to its end (``fit()``, ``Stepper.finish()``) was stopped by
+    Ctrl-C and returns a partial history."""
+    if ctx.history.interrupted:
+        warnings.warn(
+            f"training interrupted by Ctrl-C in epoch {ctx.epoch}; returning the history of the "
+            f"{len(ctx.history)} epoch(s) recorded",
+            RuntimeWarning,
+            stacklevel=stacklevel,
+        )
 
 
 @contextlib.contextmanager

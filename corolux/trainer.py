@@ -30,7 +30,7 @@ from corolux.callbacks.progress import attached_to_terminal
 from corolux.context import Context
 from corolux.data import default_unpack, resolve_data, split_validation
 from corolux.distributed import is_main_process
-from corolux.driver import Driver, graceful_sigint
+from corolux.driver import Driver, graceful_sigint, warn_if_interrupted
 from corolux.events import TRAIN_STEP_STAGES, VALID_STEP_STAGES, Event, Stage
 from corolux.history import History
 from corolux.metrics import metric_name
@@ -227,15 +227,8 @@ class Trainer:
             train_data, epochs, valid_data, callbacks, batch_size, max_steps
         )
         self._drive(driver, make_loop)
-        history = driver.ctx.history
-        if history.interrupted:
-            warnings.warn(
-                f"training interrupted by Ctrl-C in epoch {driver.ctx.epoch}; returning the "
-                f"history of the {len(history)} epoch(s) recorded",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        return history
+        warn_if_interrupted(driver.ctx)
+        return driver.ctx.history
 
     def run_evaluate(
         self,
