@@ -97,7 +97,6 @@ class Context:
         self._params: dict[int, list[torch.Tensor]] = {}
         self._in_batch = False
         self._skip_validation = False
-        self._grads_pending = False  # gradients accumulated since the last optimizer step
         self._batch_backward = False  # this batch ran a backward
         self._scaler_stepped = False  # a GradScaler step awaits its once-per-batch update()
         # The driver looks at these after each event: emitted stages and Ctrl-C requests.
@@ -193,7 +192,6 @@ class Context:
             loss.backward(inputs=params)
         else:
             loss.backward()
-        self._grads_pending = True
         self._batch_backward = True
 
     @property
@@ -215,13 +213,12 @@ class Context:
         else:
             opt.step()
         opt.zero_grad(set_to_none=True)
-        self._grads_pending = False
 
     def zero_grad(self) -> None:
-        """Drop the gradients of every optimizer (used when a batch is skipped after backward)."""
+        """Drop the gradients of every optimizer (after a batch skipped after its backward, and
+        at the end of each train phase, so an accumulation window cut short leaks into nothing)."""
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
-        self._grads_pending = False
 
     # -- records -----------------------------------------------------------------------
 

@@ -260,12 +260,12 @@ def _phase(
             if outputs is not None and not ctx.skipped:
                 outputs.append(ctx.pred)
             batch = following
-        if training and ctx._grads_pending:
-            ctx.zero_grad()  # a window cut short by a stop: nothing leaks into the next run
         if outputs:
             ctx.predictions = concat(outputs)
     except KeyboardInterrupt as exc:
         yield from _interrupt(ctx, exc)
+    if training:
+        ctx.zero_grad()  # an accumulation window cut short (stop, Ctrl-C) leaks into nothing
     yield end
 
 
