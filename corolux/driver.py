@@ -273,16 +273,13 @@ class Driver:
     # -- dispatch ------------------------------------------------------------------------------
 
     def _dispatch(self, slot: _Slot) -> None:
+        """Run the stage's handlers with its due coroutines merged in by (weight, position).
+
+        The event loop in :meth:`events` runs class handlers alone itself (the hot path);
+        this serves stages with coroutines due, emitted stages and ``on_exception``.
+        """
         __tracebackhide__ = True
         ctx = self.ctx
-        if not slot.waiters and slot.count < slot.next_due:
-            for fn in slot.fns:
-                try:
-                    fn(ctx)
-                except BaseException as exc:
-                    self._failed(exc, slot.owners[slot.fns.index(fn)], slot.stage)
-            return
-        # Coroutines are due: merge them with the class handlers by (weight, position).
         due = dict.fromkeys(slot.waiters)
         if slot.count >= slot.next_due:
             due.update(dict.fromkeys(co for at, co in slot.filters if at <= slot.count))
