@@ -53,9 +53,10 @@ def resolve_data(
         data = TensorDataset(torch.as_tensor(data))
     if isinstance(data, Dataset):
         iterable = isinstance(data, IterableDataset)
-        if not iterable and length(data) is None:
+        size_of_data = None if iterable else length(data)
+        if not iterable and size_of_data is None:
             raise TypeError(f"{name}: a map-style Dataset needs __len__; {type(data).__name__} has none")
-        if not iterable and length(data) == 0:
+        if size_of_data == 0:
             raise ValueError(f"{name} is empty (a Dataset of length 0); pass at least one sample")
         size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
