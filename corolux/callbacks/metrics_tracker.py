@@ -66,11 +66,7 @@ class MetricsTracker(Callback):
                     tracker = losses[key] = LossTracker(key)
                 tracker.update(loss, size)
         elif ctx.loss is not None:
-            tracker = self._loss
-            if size == tracker._size and len(tracker._losses) < tracker.fold_every:
-                tracker._losses.append(ctx.loss.detach())  # LossTracker.update, inlined
-            else:
-                tracker.update(ctx.loss, size)
+            self._loss.update(ctx.loss, size)
         for metric in self._phase_metrics:
             metric.update(ctx.pred, target)
 
