@@ -5,7 +5,8 @@ The driver wraps the loop generator. For each stage the loop yields it runs the 
 that listen to that stage, in ``(weight, position)`` order, then yields the ``Event`` to
 the consumer. Class handlers are sorted once per run; coroutine callbacks are merged in at
 dispatch time, since the stage they wait for changes as they run. A stage nobody listens
-to costs one dict look-up and two attribute writes.
+to costs one dict look-up and one attribute write (a run with coroutines also counts it,
+for `every` filters).
 """
 
 from __future__ import annotations
@@ -101,10 +102,11 @@ class _Slot:
         "filters",
         "count",
         "next_due",
-        "active",
+        "counting",
+        "watched",
     )
 
-    def __init__(self, stage: str, ctx: Context) -> None:
+    def __init__(self, stage: str, ctx: Context, counting: bool) -> None:
         self.stage = stage
         self.event = Event(stage, ctx)
         self.fns: tuple[Callable[[Context], Any], ...] = ()
@@ -112,13 +114,14 @@ class _Slot:
         self.entries: tuple[tuple[float, int, Callable[[Context], Any], Any], ...] = ()
         self.waiters: list[_Coroutine] = []
         self.filters: list[tuple[int, _Coroutine]] = []
-        self.count = 0
+        self.count = 0  # occurrences so far, kept while ``counting`` (for ``every`` filters)
         self.next_due: float = _NEVER
-        self.active = False
+        self.counting = counting  # the run has coroutines, which may wait on filters
+        self.watched = counting
 
     def refresh(self) -> None:
         self.next_due = min((due for due, _ in self.filters), default=_NEVER)
-        self.active = bool(self.fns or self.waiters or self.filters)
+        self.watched = bool(self.fns or self.waiters or self.filters or self.counting)
 
 
 class Driver:
@@ -133,7 +136,8 @@ class Driver:
         self.stages = frozenset(stages)
         order = sorted(range(len(callbacks)), key=lambda i: (weight_of(callbacks[i], "on_fit_begin"), i))
         ctx.callbacks = [callbacks[i] for i in order]
-        self.slots: dict[str, _Slot] = {stage: _Slot(stage, ctx) for stage in stages}
+        counting = any(isinstance(cb, CoroutineCallback) for cb in callbacks)
+        self.slots: dict[str, _Slot] = {stage: _Slot(stage, ctx, counting) for stage in stages}
         for stage in Stage:  # built-in Stage members and their str values find the same slot
             self.slots[stage] = self.slots[stage.value]
         entries: dict[str, list[tuple[float, int, Callable[[Context], Any], Any]]] = {}
@@ -183,32 +187,27 @@ class Driver:
             self._call_each("setup")
             loop = make_loop()
             for stage in loop:
-                while True:
-                    slot = slots.get(stage)
-                    if slot is None:
-                        raise ValueError(unknown_stage_message(stage, "the step's yields", self.stages))
+                # The hot path, written out: a slot look-up, and the class handlers of
+                # watched stages; everything rare goes through _attend.
+                try:
+                    slot = slots[stage]
+                except KeyError:
+                    raise self._unknown(stage) from None
+                ctx.stage = stage
+                if slot.watched:
                     slot.count += 1
-                    ctx.stage = stage
-                    if slot.active:
-                        if slot.waiters or slot.count >= slot.next_due:
-                            self._dispatch(slot)  # coroutines are due: merge them in
-                        else:  # class handlers only: the hot path, written out
-                            for fn in slot.fns:
-                                try:
-                                    fn(ctx)
-                                except BaseException as exc:
-                                    self._failed(exc, slot.owners[slot.fns.index(fn)], stage)
-                    if not quiet:
-                        yield slot.event
-                    if not ctx._attention:
-                        break
-                    for event in self._emitted():
-                        if not quiet:
-                            yield event
-                    thrown = self._interrupt(loop)
-                    if thrown is None:
-                        break
-                    stage = thrown
+                    if slot.waiters or slot.count >= slot.next_due:
+                        self._dispatch(slot)  # coroutines are due: merge them in
+                    else:
+                        for fn in slot.fns:
+                            try:
+                                fn(ctx)
+                            except BaseException as exc:
+                                self._failed(exc, slot.owners[slot.fns.index(fn)], stage)
+                if not quiet:
+                    yield slot.event
+                if ctx._attention:
+                    yield from self._attend(loop, quiet)
         except Exception as exc:
             if exc is not self._annotated and ctx.stage is not None:
                 where = f"the {ctx.phase} step" if ctx._in_batch else "the loop"
@@ -218,7 +217,7 @@ class Driver:
             ctx.exception = exc
             slot = slots[Stage.on_exception]
             ctx.stage = Stage.on_exception
-            if slot.active:
+            if slot.watched:
                 try:
                     self._dispatch(slot)
                 except Exception as nested:
@@ -238,18 +237,42 @@ class Driver:
             self._close_coroutines()
             self._call_each("teardown", escaping)
 
-    def _emitted(self) -> Generator[Event, None, None]:
-        """Deliver the stages that handlers emitted (``ctx.emit``), in order."""
+    def _attend(self, loop: Loop, quiet: bool) -> Generator[Event, None, None]:
+        """The rare path after an event: deliver the stages handlers emitted
+        (``ctx.emit``), in order, then throw a pending Ctrl-C into the loop and run the
+        stages it yields, until nothing more asks for attention."""
         ctx = self.ctx
-        while ctx._emitted:
-            stage = ctx._emitted.pop(0)
-            slot = self.slots[stage]
-            slot.count += 1
-            previous, ctx.stage = ctx.stage, stage
-            if slot.active:
+        while ctx._attention:
+            while ctx._emitted:
+                stage = ctx._emitted.pop(0)
+                previous = ctx.stage
+                slot = self._enter(stage)
+                if slot.watched:
+                    self._dispatch(slot)
+                if not quiet:
+                    yield slot.event
+                ctx.stage = previous
+            stage = self._interrupt(loop)
+            if stage is None:
+                return
+            slot = self._enter(stage)
+            if slot.watched:
                 self._dispatch(slot)
-            yield slot.event
-            ctx.stage = previous
+            if not quiet:
+                yield slot.event
+
+    def _enter(self, stage: str) -> _Slot:
+        """The slot of ``stage``, counted and made current (the event loop does this
+        inline)."""
+        slot = self.slots.get(stage)
+        if slot is None:
+            raise self._unknown(stage)
+        self.ctx.stage = stage
+        slot.count += 1
+        return slot
+
+    def _unknown(self, stage: Any) -> ValueError:
+        return ValueError(unknown_stage_message(stage, "the step's yields", self.stages))
 
     def _interrupt(self, loop: Generator[Stage | str, None, None]) -> Stage | str | None:
         """If Ctrl-C asked for a stop, throw it into the loop at this yield; return the
