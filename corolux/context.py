@@ -30,6 +30,19 @@ class Context:
     :meth:`step_optimizer` to do what the default step does.
     """
 
+    # Slots: the loop and the driver read and write these on every event, and a slot is
+    # the fastest attribute there is. ``__dict__`` stays, for what callbacks add.
+    __slots__ = (
+        "model", "optimizers", "opt_name", "opt", "loss_fn", "device", "scaler", "hparams",
+        "is_main_process", "epoch", "completed_epochs", "min_epochs", "max_epochs", "max_steps", "iter",
+        "num_batches", "step", "training", "phase", "stage", "batch", "input", "target", "pred", "loss",
+        "losses", "skipped", "is_last_batch", "exception", "stop_reason", "metrics", "history",
+        "train_data", "valid_data", "data", "callbacks", "accumulate_steps", "predictions", "autocast",
+        "unpack", "stages", "_check_loss", "_params", "_in_batch", "_skip_validation", "_batch_backward",
+        "_scaler_stepped", "_attention", "_emitted", "_interrupt_pending", "_interrupted", "_sigint_count",
+        "__dict__", "__weakref__",
+    )
+
     def __init__(
         self,
         *,
