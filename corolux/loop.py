@@ -197,6 +197,8 @@ def _phase(
     ctx.iter = 0
     ctx._check_loss = True
     outputs: list[Any] | None = [] if phase == "predict" else None
+    # A custom step's stages, each mapped to itself (a built-in one to its Stage member).
+    checked = None if allowed is None else {str(stage): stage for stage in allowed}
     unpack = ctx.unpack
     default_pairs = unpack is default_unpack
     device = ctx.device
@@ -230,12 +232,15 @@ def _phase(
                 yield batch_begin
                 if not ctx.skipped:
                     stages = step(ctx)
-                    if allowed is not None and not isinstance(stages, Generator):
+                    if checked is not None and not isinstance(stages, Generator):
                         raise _not_a_generator(step, stages)
                     for stage in stages:
-                        if allowed is not None and stage not in allowed:
-                            raise _bad_step_stage(stage, batch_begin, allowed)
-                        if training and stage == TRAIN_AFTER_STEP:  # ctx.step counts here only
+                        if checked is not None:  # a custom step: its stage, as the Stage member
+                            known = checked.get(stage)
+                            if known is None:
+                                raise _bad_step_stage(stage, batch_begin, checked)
+                            stage = known
+                        if stage is TRAIN_AFTER_STEP:  # ctx.step counts here only
                             ctx.step += 1
                             if (
                                 ctx.max_steps is not None
