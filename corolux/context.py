@@ -38,9 +38,9 @@ class Context:
         "num_batches", "step", "training", "phase", "stage", "batch", "input", "target", "pred", "loss",
         "losses", "skipped", "is_last_batch", "exception", "stop_reason", "metrics", "history",
         "train_data", "valid_data", "data", "callbacks", "accumulate_steps", "predictions", "autocast",
-        "unpack", "stages", "_check_loss", "_params", "_in_batch", "_skip_validation", "_batch_backward",
-        "_scaler_stepped", "_attention", "_emitted", "_interrupt_pending", "_interrupted", "_sigint_count",
-        "__dict__", "__weakref__",
+        "unpack", "stages", "_check_loss", "_params", "_in_batch", "_skip_validation",
+        "_batch_backward", "_scaler_stepped", "_silent", "_attention", "_emitted", "_interrupt_pending",
+        "_interrupted", "_sigint_count", "__dict__", "__weakref__",
     )
 
     def __init__(
@@ -112,6 +112,9 @@ class Context:
         self._skip_validation = False
         self._batch_backward = False  # this batch ran a backward
         self._scaler_stepped = False  # a GradScaler step awaits its once-per-batch update()
+        # Stages the loop need not yield, only record in ``stage``: in fit(), the stages inside
+        # a batch that nothing watches (see Driver.events).
+        self._silent: frozenset[str] = frozenset()
         # The driver looks at these after each event: emitted stages and Ctrl-C requests.
         self._attention = False
         self._emitted: list[str] = []

@@ -137,6 +137,7 @@ class Driver:
         order = sorted(range(len(callbacks)), key=lambda i: (weight_of(callbacks[i], "on_fit_begin"), i))
         ctx.callbacks = [callbacks[i] for i in order]
         counting = any(isinstance(cb, CoroutineCallback) for cb in callbacks)
+        self.counting = counting
         self.slots: dict[str, _Slot] = {stage: _Slot(stage, ctx, counting) for stage in stages}
         for stage in Stage:  # built-in Stage members and their str values find the same slot
             self.slots[stage] = self.slots[stage.value]
@@ -183,6 +184,11 @@ class Driver:
         escaping: BaseException | None = None
         # The loop switches train/eval mode; the run restores each submodule's own mode.
         modes = [(module, module.training) for module in ctx.model.modules()]
+        if quiet and not self.counting:
+            # No consumer and no coroutine: a stage no handler watches reaches nobody, so the
+            # loop only records it in ctx.stage. (It consults this inside a batch only, so
+            # every *_batch_end still comes here, and a Ctrl-C is seen there.)
+            ctx._silent = frozenset(stage for stage, slot in slots.items() if not slot.watched)
         try:
             self._call_each("setup")
             loop = make_loop()

@@ -185,7 +185,9 @@ def _phase(
     """One pass over ``data``: ``on_<phase>_begin``, a step per batch between
     ``on_<phase>_batch_begin`` and ``_end``, then ``on_<phase>_end``.
 
-    ``allowed`` checks a custom step's stages (None for the built-in steps).
+    ``allowed`` checks a custom step's stages (None for the built-in steps). Inside a
+    batch, a stage in ``ctx._silent`` (under ``fit()``, one that no callback watches) is
+    recorded in ``ctx.stage`` instead of yielded: the yield would reach nobody.
     """
     begin, batch_begin, batch_end, end = _PHASE_STAGES[phase]
     training = phase == "train"
@@ -203,6 +205,7 @@ def _phase(
     default_pairs = unpack is default_unpack
     device = ctx.device
     move = device.type != "cpu"  # on the CPU a batch is used as it comes
+    silent = ctx._silent
     try:
         yield begin
         iterator = iter(data)
@@ -229,7 +232,10 @@ def _phase(
             ctx._in_batch = True
             ctx._batch_backward = False
             try:
-                yield batch_begin
+                if batch_begin in silent:
+                    ctx.stage = batch_begin
+                else:
+                    yield batch_begin
                 if not ctx.skipped:
                     stages = step(ctx)
                     if checked is not None and not isinstance(stages, Generator):
@@ -248,7 +254,10 @@ def _phase(
                                 and not ctx.is_last_batch
                             ):
                                 ctx.stop_training("max_steps")  # on the last batch: after the epoch
-                        yield stage
+                        if stage in silent:
+                            ctx.stage = stage
+                        else:
+                            yield stage
                         if ctx.skipped:
                             stages.close()
                             break

@@ -583,6 +583,26 @@ def test_sigint_during_fit_is_a_graceful_stop_and_the_handler_is_restored() -> N
     assert signal.getsignal(signal.SIGINT) is previous
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGINT"), reason="needs SIGINT")
+def test_sigint_inside_the_step_stops_fit_at_that_batch() -> None:
+    # fit() does not yield the stages inside a batch that nothing watches; the batch's end
+    # still reaches the driver, so a Ctrl-C in the step stops training at that batch.
+    forwards: list[int] = []
+
+    def loss_fn(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        forwards.append(1)
+        if len(forwards) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return torch.nn.functional.mse_loss(pred, target)
+
+    trainer = make_trainer()
+    trainer.loss_fn = loss_fn
+    with keyboard_interrupt_must_not_escape(), pytest.warns(RuntimeWarning, match="interrupt"):
+        history = trainer.fit(make_batches(6, 2), epochs=2)
+    assert history.interrupted is True
+    assert len(forwards) == 2, "training went on past the interrupted batch"
+
+
 def test_keyboard_interrupt_in_run_is_a_graceful_stop_without_warning() -> None:
     trainer = make_trainer()
     with warnings.catch_warnings():

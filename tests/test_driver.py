@@ -442,6 +442,28 @@ def test_callback_error_keeps_type_message_traceback_and_gains_a_note() -> None:
     assert (__file__, "on_train_batch_end") in _frames(exc), "the raising frame is not in the traceback"
 
 
+def test_a_step_error_names_the_stage_it_followed_in_fit_as_in_run() -> None:
+    # fit() does not yield the stages inside a batch that nothing watches, but the loop
+    # still records them: the note names the same stage as when every event is yielded.
+    def failing_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        raise BoomError("loss failed")
+
+    notes = []
+    for drive in ("fit", "run"):
+        trainer = make_trainer()
+        trainer.loss_fn = failing_loss
+        with pytest.raises(BoomError) as info:
+            if drive == "fit":
+                trainer.fit(data(), epochs=1)
+            else:
+                for _ in trainer.run(data(), epochs=1):
+                    pass
+        notes.append([n for n in info.value.__notes__ if n.startswith("raised in")])
+    assert notes[0] == notes[1] == [
+        "raised in the train step after 'on_train_batch_after_pred' (epoch 1, batch 1)"
+    ]
+
+
 def test_factory_callback_error_note_names_the_factory_class() -> None:
     def fail(self: Any, ctx: Any) -> None:
         raise KeyError("missing")
