@@ -120,7 +120,7 @@ class _Slot:
         self.watched = counting
 
     def refresh(self) -> None:
-        self.next_due = min((due for due, _ in self.filters), default=_NEVER)
+        self.next_due = min(due for due, _ in self.filters) if self.filters else _NEVER
         self.watched = bool(self.fns or self.waiters or self.filters or self.counting)
 
 
@@ -138,9 +138,8 @@ class Driver:
         ctx.callbacks = [callbacks[i] for i in order]
         counting = any(isinstance(cb, CoroutineCallback) for cb in callbacks)
         self.counting = counting
+        # Keyed by the Stage members the loop yields (a str value finds the same slot).
         self.slots: dict[str, _Slot] = {stage: _Slot(stage, ctx, counting) for stage in stages}
-        for stage in Stage:  # built-in Stage members and their str values find the same slot
-            self.slots[stage] = self.slots[stage.value]
         entries: dict[str, list[tuple[float, int, Callable[[Context], Any], Any]]] = {}
         coroutines: list[tuple[_Coroutine, Any]] = []
         for position, cb in enumerate(callbacks):
@@ -463,6 +462,8 @@ class Driver:
             raise errors[0]
 
     def _close_coroutines(self) -> None:
+        if not self.counting:
+            return  # the run has no coroutine
         seen: set[int] = set()
         for slot in self.slots.values():
             for co in [*slot.waiters, *(c for _, c in slot.filters)]:
