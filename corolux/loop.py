@@ -187,7 +187,9 @@ def _phase(
 
     ``allowed`` checks a custom step's stages (None for the built-in steps). Inside a
     batch, a stage in ``ctx._silent`` (under ``fit()``, one that no callback watches) is
-    recorded in ``ctx.stage`` instead of yielded: the yield would reach nobody.
+    recorded in ``ctx.stage`` instead of yielded, since the yield would reach nobody;
+    unless the driver's attention is wanted (``ctx.emit``, Ctrl-C): then it is yielded, so
+    the driver acts at the same point as when every stage is yielded.
     """
     begin, batch_begin, batch_end, end = _PHASE_STAGES[phase]
     training = phase == "train"
@@ -232,7 +234,7 @@ def _phase(
             ctx._in_batch = True
             ctx._batch_backward = False
             try:
-                if batch_begin in silent:
+                if batch_begin in silent and not ctx._attention:
                     ctx.stage = batch_begin
                 else:
                     yield batch_begin
@@ -254,7 +256,7 @@ def _phase(
                                 and not ctx.is_last_batch
                             ):
                                 ctx.stop_training("max_steps")  # on the last batch: after the epoch
-                        if stage in silent:
+                        if stage in silent and not ctx._attention:
                             ctx.stage = stage
                         else:
                             yield stage
@@ -270,14 +272,16 @@ def _phase(
             if ctx._scaler_stepped:  # once per batch, after every optimizer has stepped
                 ctx.scaler.update()
                 ctx._scaler_stepped = False
-            yield batch_end
-            if outputs is not None and not ctx.skipped:
-                outputs.append(ctx.pred)
+            try:
+                yield batch_end
+            finally:  # also when a Ctrl-C during *_batch_end ends the phase: this batch is done
+                if outputs is not None and not ctx.skipped:
+                    outputs.append(ctx.pred)
             batch = following
-        if outputs:
-            ctx.predictions = concat(outputs)
     except KeyboardInterrupt as exc:
         yield from _interrupt(ctx, exc)
+    if outputs:
+        ctx.predictions = concat(outputs)  # before on_predict_end, interrupted or not
     if training:
         ctx.zero_grad()  # an accumulation window cut short (stop, Ctrl-C) leaks into nothing
     yield end

@@ -439,8 +439,12 @@ class Trainer:
 
 def _warn_if_interrupted(ctx: Context, call: str, what: str) -> None:
     if ctx.history.interrupted:
+        # A Ctrl-C inside a batch drops that batch; one during its *_batch_end keeps it.
+        covered = "the batches before it" if ctx.skipped else "the batches up to it"
         warnings.warn(
-            f"{call} was interrupted by Ctrl-C at batch {ctx.iter}: {what} the batches before it only",
+            f"{call} was interrupted by Ctrl-C at batch {ctx.iter}: {what} {covered} only"
+            if ctx.iter
+            else f"{call} was interrupted by Ctrl-C before its first batch: {what} no batch",
             RuntimeWarning,
             stacklevel=3,
         )

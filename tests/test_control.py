@@ -583,24 +583,84 @@ def test_sigint_during_fit_is_a_graceful_stop_and_the_handler_is_restored() -> N
     assert signal.getsignal(signal.SIGINT) is previous
 
 
-@pytest.mark.skipif(not hasattr(signal, "SIGINT"), reason="needs SIGINT")
-def test_sigint_inside_the_step_stops_fit_at_that_batch() -> None:
-    # fit() does not yield the stages inside a batch that nothing watches; the batch's end
-    # still reaches the driver, so a Ctrl-C in the step stops training at that batch.
-    forwards: list[int] = []
+def _interrupting_loss(at_call: int) -> Any:
+    """An MSE loss that sends a real SIGINT to this process at its ``at_call``-th call."""
+    calls: list[int] = []
 
     def loss_fn(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        forwards.append(1)
-        if len(forwards) == 2:
+        calls.append(1)
+        if len(calls) == at_call:
             os.kill(os.getpid(), signal.SIGINT)
         return torch.nn.functional.mse_loss(pred, target)
 
+    return loss_fn
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGINT"), reason="needs SIGINT")
+@pytest.mark.parametrize("drive", ["fit", "fit, a callback inside the batch", "stepper"])
+def test_sigint_inside_the_step_drops_that_batch_however_the_run_is_driven(drive: str) -> None:
+    # fit() does not yield the stages inside a batch that no callback watches; a Ctrl-C in
+    # the step must still stop it there: no backward, no optimizer step, the batch not counted.
+    log: list[tuple[str, int, bool, int]] = []
+    recorder = corolux.callback(
+        "recorder",
+        on_train_batch_end=lambda self, ctx: log.append(("end", ctx.iter, ctx.skipped, ctx.step)),
+        on_interrupt=lambda self, ctx: log.append(("interrupt", ctx.iter, ctx.skipped, ctx.step)),
+    )()
+    callbacks = [recorder]
+    if drive == "fit, a callback inside the batch":
+        callbacks.append(at("on_train_batch_before_backward", lambda ctx: None))
     trainer = make_trainer()
-    trainer.loss_fn = loss_fn
+    trainer.loss_fn = _interrupting_loss(at_call=2)
+    data = make_batches(6, 2)
     with keyboard_interrupt_must_not_escape(), pytest.warns(RuntimeWarning, match="interrupt"):
-        history = trainer.fit(make_batches(6, 2), epochs=2)
+        if drive == "stepper":
+            history = trainer.stepper(data, epochs=2, callbacks=callbacks).finish()
+        else:
+            history = trainer.fit(data, epochs=2, callbacks=callbacks)
     assert history.interrupted is True
-    assert len(forwards) == 2, "training went on past the interrupted batch"
+    assert log == [("end", 1, False, 1), ("interrupt", 2, True, 1), ("end", 2, True, 1)]
+    reference = make_trainer()
+    expected = reference.fit(data[:1], epochs=1)  # what batch 1 alone trains and records
+    assert history["train_loss"] == expected["train_loss"]
+    assert same_params(params_of(trainer.model), params_of(reference.model))
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGINT"), reason="needs SIGINT")
+def test_sigint_inside_the_step_of_evaluate_and_predict_keeps_the_batches_before_it() -> None:
+    data = make_batches(5, 2, seed=3)
+    trainer = make_trainer()
+    full_loss = trainer.evaluate(data[:2])["loss"]
+    full_pred = trainer.predict(data[:2])
+    trainer.loss_fn = _interrupting_loss(at_call=3)
+    with keyboard_interrupt_must_not_escape(), pytest.warns(RuntimeWarning, match="batches before it only"):
+        assert trainer.evaluate(data)["loss"] == pytest.approx(full_loss)
+
+    class Interrupting(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner, self.calls = inner, 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            if self.calls == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+            return self.inner(x)
+
+    predictor = corolux.Trainer(Interrupting(trainer.model), device="cpu", progress=False)
+    with keyboard_interrupt_must_not_escape(), pytest.warns(RuntimeWarning, match="batches before it only"):
+        predictions = predictor.predict(data)
+    assert torch.equal(predictions, full_pred)
+
+
+def test_ctrl_c_during_predict_batch_end_keeps_that_batch() -> None:
+    data = make_batches(5, 2, seed=3)
+    trainer = make_trainer()
+    full_pred = trainer.predict(data[:2])
+    stop = at("on_predict_batch_end", _ctrl_c, it=2)
+    with keyboard_interrupt_must_not_escape(), pytest.warns(RuntimeWarning, match="batches up to it only"):
+        predictions = trainer.predict(data, callbacks=[stop])
+    assert torch.equal(predictions, full_pred)
 
 
 def test_keyboard_interrupt_in_run_is_a_graceful_stop_without_warning() -> None:
@@ -680,6 +740,44 @@ def test_emit_custom_stage_declared_by_the_trainer() -> None:
         "on_milestone",
     ] * 2
     assert heard.calls == 2
+
+
+def test_emit_from_a_custom_step_under_fit_is_delivered_inside_the_batch() -> None:
+    # fit() does not yield the stages nothing watches, but an emit asks for the driver:
+    # the next stage is yielded, so the emitted one arrives inside the batch as under run().
+    class Milestones(corolux.Trainer):
+        stages = ("on_milestone",)
+
+        def train_step(self, ctx: Any) -> Any:
+            ctx.pred = ctx.model(ctx.input)
+            if ctx.iter == 2:
+                ctx.emit("on_milestone")
+            yield "on_train_batch_after_pred"
+            ctx.loss = torch.nn.functional.mse_loss(ctx.pred, ctx.target)
+            yield "on_train_batch_after_loss"
+            ctx.backward(ctx.loss)
+            yield "on_train_batch_before_step"
+            ctx.step_optimizer()
+            yield "on_train_batch_after_step"
+
+    heard: list[tuple[str | None, int, int]] = []
+
+    def on_milestone(self: Any, ctx: Any) -> None:
+        heard.append((str(ctx.stage), ctx.iter, ctx.step))
+        ctx.skip_batch()  # still inside batch 2: no backward, no step for it
+
+    listener = corolux.callback("listener", on_milestone=on_milestone)()
+    torch.manual_seed(0)
+    trainer = Milestones(
+        torch.nn.Linear(3, 1), optimizer=lambda p: torch.optim.SGD(p, lr=0.1), device="cpu", progress=False
+    )
+    trainer.fit(batches(), epochs=1, callbacks=[listener])
+    assert heard == [("on_milestone", 2, 1)]
+    records, model = replicate(batches(), epochs=1, skip=frozenset({(1, 2)}))
+    assert same_params(params_of(trainer.model), params_of(model))
+    kept = [(loss, size) for _, i, loss, size in records if i != 2]  # a skipped batch is not counted
+    mean = sum(loss * size for loss, size in kept) / sum(size for _, size in kept)
+    assert trainer.history["train_loss"] == pytest.approx([mean])
 
 
 def test_emit_unknown_stage_is_rejected_with_a_suggestion() -> None:
