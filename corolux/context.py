@@ -28,6 +28,9 @@ class Context:
     Control: :meth:`stop_training`, :meth:`skip_batch`, :meth:`skip_validation`,
     :meth:`emit`. Custom steps use :meth:`backward`, :attr:`accumulating` and
     :meth:`step_optimizer` to do what the default step does.
+
+    Its own attributes are slots (the loop reads and writes them on every event), so
+    ``dir(ctx)`` lists them while ``vars(ctx)`` holds only the attributes callbacks add.
     """
 
     # Slots: the loop and the driver read and write these on every event, and a slot is
