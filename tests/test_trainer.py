@@ -803,6 +803,35 @@ def test_custom_train_step(how):
     assert len(trainer.history["train_loss"]) == 1
 
 
+@pytest.mark.parametrize("drive", ["fit", "run"])
+def test_a_custom_step_yielding_plain_strings_counts_steps_and_stops_at_max_steps(drive):
+    # The step yields str stage names; the loop maps them to Stage members, counts ctx.step at
+    # after_step and stops at max_steps, whether fit() leaves the unwatched stages silent or not.
+    seen = []
+    watcher = corolux.callback(
+        "watcher",
+        on_train_batch_after_step=lambda self, ctx: seen.append(
+            (ctx.stage is corolux.Stage.on_train_batch_after_step, ctx.step)
+        ),
+    )()
+    trainer = corolux.Trainer(
+        mlp(4, 3),
+        loss_fn=F.cross_entropy,
+        optimizer=sgd(),
+        train_step=halving_step,
+        device="cpu",
+        progress=False,
+    )
+    x, y = iris()
+    if drive == "fit":
+        trainer.fit((x, y), epochs=3, batch_size=50, max_steps=4, callbacks=[watcher])
+    else:
+        for _ in trainer.run((x, y), epochs=3, batch_size=50, max_steps=4, callbacks=[watcher]):
+            pass
+    assert seen == [(True, 1), (True, 2), (True, 3), (True, 4)]
+    assert trainer.history.to_dict()["epoch"] == [1, 2]
+
+
 def test_custom_valid_step_argument():
     calls = []
 
