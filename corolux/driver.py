@@ -185,8 +185,9 @@ class Driver:
         modes = [(module, module.training) for module in ctx.model.modules()]
         if quiet and not self.counting:
             # No consumer and no coroutine: a stage no handler watches reaches nobody, so the
-            # loop only records it in ctx.stage. (It consults this inside a batch only, so
-            # every *_batch_end still comes here, and a Ctrl-C is seen there.)
+            # loop only records it in ctx.stage. It does so inside a batch only, and yields the
+            # stage anyway while ctx._attention is set, so an emit or a Ctrl-C is acted on
+            # where it would be if every stage came here.
             ctx._silent = frozenset(stage for stage, slot in slots.items() if not slot.watched)
         try:
             self._call_each("setup")
