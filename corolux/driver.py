@@ -104,6 +104,7 @@ class _Slot:
         "next_due",
         "counting",
         "watched",
+        "order",
     )
 
     def __init__(self, stage: str, ctx: Context, counting: bool) -> None:
@@ -118,10 +119,22 @@ class _Slot:
         self.next_due: float = _NEVER
         self.counting = counting  # the run has coroutines, which may wait on filters
         self.watched = counting
+        # The class handlers and the waiting coroutines, as (handler, owner) in (weight,
+        # position) order: what _dispatch runs when no filter is due.
+        self.order: tuple[tuple[Any, Any], ...] = ()
 
     def refresh(self) -> None:
+        """Recompute what depends on the handlers, waiters and filters (after they change)."""
         self.next_due = min(due for due, _ in self.filters) if self.filters else _NEVER
         self.watched = bool(self.fns or self.waiters or self.filters or self.counting)
+        self.order = tuple((handler, owner) for _, _, handler, owner in self.merged(self.waiters))
+
+    def merged(self, coroutines: Iterable[_Coroutine]) -> list[tuple[float, int, Any, Any]]:
+        """The class handlers' entries with ``coroutines`` merged in by (weight, position)."""
+        merged = list(self.entries)
+        merged.extend((co.weight(self.stage), co.position, co, co.cb) for co in coroutines)
+        merged.sort(key=_ORDER)
+        return merged
 
 
 class Driver:
@@ -309,15 +322,14 @@ class Driver:
         """
         __tracebackhide__ = True
         ctx = self.ctx
-        due = dict.fromkeys(slot.waiters)
-        if slot.count >= slot.next_due:
-            due.update(dict.fromkeys(co for at, co in slot.filters if at <= slot.count))
         stage = slot.stage
-        merged: list[tuple[float, int, Any, Any]] = list(slot.entries)
-        merged.extend((co.weight(stage), co.position, co, co.cb) for co in due)
-        merged.sort(key=_ORDER)
-        for _, _, handler, owner in merged:
-            if isinstance(handler, _Coroutine):
+        order: Iterable[tuple[Any, Any]] = slot.order
+        if slot.count >= slot.next_due:  # filters are due too: merge them in, once each
+            due = dict.fromkeys(slot.waiters)
+            due.update(dict.fromkeys(co for at, co in slot.filters if at <= slot.count))
+            order = [(handler, owner) for _, _, handler, owner in slot.merged(due)]
+        for handler, owner in order:
+            if type(handler) is _Coroutine:
                 self._wake(handler, slot)
                 continue
             try:
