@@ -248,7 +248,7 @@ class Stepper:
                     self._end = "finished"
         if self._ctx is None:
             return None
-        warn_if_interrupted(self._ctx)
+        warn_if_interrupted(self._ctx, "Stepper.finish()")
         return self._ctx.history
 
     def close(self) -> None:

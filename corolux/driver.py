@@ -3,8 +3,9 @@ signals; exception notes; setup and teardown.
 
 The driver wraps the loop generator. For each stage the loop yields it runs the handlers
 that listen to that stage, in ``(weight, position)`` order, then yields the ``Event`` to
-the consumer. Class handlers are sorted once per run; coroutine callbacks are merged in at
-dispatch time, since the stage they wait for changes as they run. A stage nobody listens
+the consumer. Class handlers are sorted once per run; a coroutine callback is merged in
+among them when it starts waiting for a stage (the stage it waits for changes as it runs),
+and at dispatch time when a filter of it is due. A stage nobody listens
 to costs one dict look-up and one attribute write (a run with coroutines also counts it,
 for `every` filters).
 """
@@ -127,7 +128,9 @@ class _Slot:
         """Recompute what depends on the handlers, waiters and filters (after they change)."""
         self.next_due = min(due for due, _ in self.filters) if self.filters else _NEVER
         self.watched = bool(self.fns or self.waiters or self.filters or self.counting)
-        self.order = tuple((handler, owner) for _, _, handler, owner in self.merged(self.waiters))
+        # A coroutine waiting on this stage twice over (['s', 's']) is woken once.
+        waiting = dict.fromkeys(self.waiters)
+        self.order = tuple((handler, owner) for _, _, handler, owner in self.merged(waiting))
 
     def merged(self, coroutines: Iterable[_Coroutine]) -> list[tuple[float, int, Any, Any]]:
         """The class handlers' entries with ``coroutines`` merged in by (weight, position)."""
@@ -507,16 +510,26 @@ def context_of(events: Iterator[Event]) -> Context | None:
         return None
 
 
-def warn_if_interrupted(ctx: Context, stacklevel: int = 3) -> None:
-    """Warn that a run driven to its end (``fit()``, ``Stepper.finish()``) was stopped by
-    Ctrl-C and returns a partial history."""
-    if ctx.history.interrupted:
-        warnings.warn(
-            f"training interrupted by Ctrl-C in epoch {ctx.epoch}; returning the history of the "
-            f"{len(ctx.history)} epoch(s) recorded",
-            RuntimeWarning,
-            stacklevel=stacklevel,
+def warn_if_interrupted(ctx: Context, call: str, stacklevel: int = 3) -> None:
+    """Warn that a run driven to its end by ``call`` (``fit()``, ``evaluate()``,
+    ``predict()``, ``Stepper.finish()``) was stopped by Ctrl-C, and say what its results
+    cover."""
+    if not ctx.history.interrupted:
+        return
+    if ctx.max_epochs:  # a training run
+        message = (
+            f"{call} was interrupted by Ctrl-C in epoch {ctx.epoch}; returning the history of "
+            f"the {len(ctx.history)} epoch(s) recorded"
         )
+    else:
+        what = "the predictions" if ctx.phase == "predict" else "the metrics"
+        if not ctx.iter:
+            message = f"{call} was interrupted by Ctrl-C before its first batch: {what} cover no batch"
+        else:
+            # A Ctrl-C inside a batch drops that batch; one during its *_batch_end keeps it.
+            covered = "the batches before it" if ctx.skipped else "the batches up to it"
+            message = f"{call} was interrupted by Ctrl-C at batch {ctx.iter}: {what} cover {covered} only"
+    warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
 
 
 @contextlib.contextmanager

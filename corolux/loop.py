@@ -233,6 +233,7 @@ def _phase(
             ctx.skipped = False
             ctx._in_batch = True
             ctx._batch_backward = False
+            stages = None
             try:
                 if batch_begin in silent and not ctx._attention:
                     ctx.stage = batch_begin
@@ -265,6 +266,8 @@ def _phase(
                             break
             except KeyboardInterrupt as exc:
                 ctx.skipped = True  # an interrupted batch is neither counted nor kept
+                if stages is not None:
+                    stages.close()  # the step's own cleanup (with blocks) runs before on_interrupt
                 yield from _interrupt(ctx, exc)
             ctx._in_batch = False
             if ctx.skipped and ctx._batch_backward:
@@ -281,7 +284,10 @@ def _phase(
     except KeyboardInterrupt as exc:
         yield from _interrupt(ctx, exc)
     if outputs:
-        ctx.predictions = concat(outputs)  # before on_predict_end, interrupted or not
+        try:
+            ctx.predictions = concat(outputs)  # before on_predict_end, interrupted or not
+        except KeyboardInterrupt as exc:
+            yield from _interrupt(ctx, exc)
     if training:
         ctx.zero_grad()  # an accumulation window cut short (stop, Ctrl-C) leaks into nothing
     yield end

@@ -7,7 +7,6 @@ Every entry point drives the same loop generator (``corolux.loop``) through a ``
 from __future__ import annotations
 
 import inspect
-import warnings
 import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Mapping, Sequence
@@ -227,7 +226,7 @@ class Trainer:
             train_data, epochs, valid_data, callbacks, batch_size, max_steps
         )
         self._drive(driver, make_loop)
-        warn_if_interrupted(driver.ctx)
+        warn_if_interrupted(driver.ctx, "fit()")
         return driver.ctx.history
 
     def run_evaluate(
@@ -257,7 +256,7 @@ class Trainer:
         """
         driver, make_loop = self._prepare_evaluate(data, callbacks, metrics, batch_size)
         self._drive(driver, make_loop)
-        _warn_if_interrupted(driver.ctx, "evaluate()", "the metrics cover")
+        warn_if_interrupted(driver.ctx, "evaluate()")
         return {k.removeprefix("valid_"): v for k, v in driver.ctx.metrics.items()}
 
     def run_predict(
@@ -274,7 +273,7 @@ class Trainer:
         CPU (leaf by leaf for tuple or dict outputs). Targets in the batches are ignored."""
         driver, make_loop = self._prepare_predict(data, callbacks, batch_size)
         self._drive(driver, make_loop)
-        _warn_if_interrupted(driver.ctx, "predict()", "the predictions cover")
+        warn_if_interrupted(driver.ctx, "predict()")
         return driver.ctx.predictions
 
     # -- preparing a run -----------------------------------------------------------------------
@@ -434,19 +433,6 @@ class Trainer:
         return (
             f"Trainer({type(self.model).__name__}, device={str(self.device)!r}, "
             f"optimizers={list(self.optimizers)}, precision={self.precision!r})"
-        )
-
-
-def _warn_if_interrupted(ctx: Context, call: str, what: str) -> None:
-    if ctx.history.interrupted:
-        # A Ctrl-C inside a batch drops that batch; one during its *_batch_end keeps it.
-        covered = "the batches before it" if ctx.skipped else "the batches up to it"
-        warnings.warn(
-            f"{call} was interrupted by Ctrl-C at batch {ctx.iter}: {what} {covered} only"
-            if ctx.iter
-            else f"{call} was interrupted by Ctrl-C before its first batch: {what} no batch",
-            RuntimeWarning,
-            stacklevel=3,
         )
 
 

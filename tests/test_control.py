@@ -653,6 +653,59 @@ def test_sigint_inside_the_step_of_evaluate_and_predict_keeps_the_batches_before
     assert torch.equal(predictions, full_pred)
 
 
+def test_ctrl_c_closes_a_custom_step_before_on_interrupt() -> None:
+    # The step's own cleanup (a with block held across a yield) runs before the handlers of
+    # on_interrupt and *_batch_end see ctx, as when a batch is skipped.
+    log: list[str] = []
+
+    def step(ctx: Any) -> Any:
+        try:
+            ctx.pred = ctx.model(ctx.input)
+            yield "on_train_batch_after_pred"
+            ctx.loss = torch.nn.functional.mse_loss(ctx.pred, ctx.target)
+            yield "on_train_batch_after_loss"
+            ctx.backward(ctx.loss)
+            yield "on_train_batch_before_step"
+            ctx.step_optimizer()
+            yield "on_train_batch_after_step"
+        finally:
+            log.append(f"step cleanup {ctx.iter}")
+
+    recorder = corolux.callback(
+        "recorder",
+        on_interrupt=lambda self, ctx: log.append("on_interrupt"),
+        on_train_batch_end=lambda self, ctx: log.append(f"batch_end {ctx.iter}"),
+    )()
+    stop = at("on_train_batch_after_pred", _ctrl_c, it=2)
+    trainer = make_trainer(train_step=step)
+    with keyboard_interrupt_must_not_escape(), pytest.warns(RuntimeWarning, match="interrupt"):
+        trainer.fit(batches(), epochs=1, callbacks=[stop, recorder])
+    assert log == ["step cleanup 1", "batch_end 1", "step cleanup 2", "on_interrupt", "batch_end 2"]
+
+
+def test_keyboard_interrupt_while_predictions_are_joined_is_a_graceful_stop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # No SIGINT handler under run(): a real KeyboardInterrupt in the final concatenation
+    # is still a graceful stop (on_interrupt, then on_predict_end).
+    import corolux.loop
+
+    def interrupted(outputs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(corolux.loop, "concat", interrupted)
+    with keyboard_interrupt_must_not_escape():
+        stream = [str(event.stage) for event in make_trainer().run_predict(batches())]
+    assert stream[-2:] == ["on_interrupt", "on_predict_end"]
+
+
+def test_ctrl_c_before_the_first_batch_of_evaluate_says_no_batch_is_covered() -> None:
+    stop = at("on_valid_begin", _ctrl_c)
+    with keyboard_interrupt_must_not_escape(), pytest.warns(RuntimeWarning, match="before its first batch"):
+        metrics = make_trainer().evaluate(batches(), callbacks=[stop])
+    assert math.isnan(metrics["loss"])
+
+
 def test_ctrl_c_during_predict_batch_end_keeps_that_batch() -> None:
     data = make_batches(5, 2, seed=3)
     trainer = make_trainer()

@@ -232,6 +232,27 @@ def test_coroutine_waits_for_a_collection_of_stages(spec: Any) -> None:
     assert woke == [("on_epoch_begin", 1), ("on_epoch_end", 1), ("on_epoch_begin", 2), ("on_epoch_end", 2)]
 
 
+@pytest.mark.parametrize(
+    "spec",
+    [
+        ["on_train_batch_end", "on_train_batch_end"],
+        ("on_train_batch_end", corolux.Stage.on_train_batch_end),
+        ("on_train_batch_end", corolux.every("on_train_batch_end", 2)),
+    ],
+)
+def test_a_coroutine_waiting_on_a_stage_twice_over_wakes_once_per_event(spec: Any) -> None:
+    woke: list[int] = []
+
+    @corolux.coroutine
+    def watcher():  # type: ignore[no-untyped-def]
+        while True:
+            event = yield spec
+            woke.append(event.ctx.iter)
+
+    make_trainer().fit(make_batches(4, 2), epochs=1, callbacks=[watcher()])
+    assert woke == [1, 2, 3, 4]
+
+
 def test_every_fires_on_the_nth_occurrences_of_the_run() -> None:
     woke: list[tuple[int, int]] = []
 
