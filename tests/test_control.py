@@ -627,6 +627,27 @@ def test_sigint_inside_the_step_drops_that_batch_however_the_run_is_driven(drive
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGINT"), reason="needs SIGINT")
+def test_sigint_inside_an_accumulating_step_is_the_same_under_fit_and_the_stepper() -> None:
+    accumulate = at("on_fit_begin", lambda ctx: setattr(ctx, "accumulate_steps", 2))
+    data = make_batches(6, 2)
+    results = []
+    for drive in ("fit", "stepper"):
+        trainer = make_trainer()
+        trainer.loss_fn = _interrupting_loss(at_call=3)  # batch 3: inside the second window
+        with keyboard_interrupt_must_not_escape(), pytest.warns(RuntimeWarning, match="interrupt"):
+            if drive == "fit":
+                history = trainer.fit(data, epochs=2, callbacks=[accumulate])
+            else:
+                history = trainer.stepper(data, epochs=2, callbacks=[accumulate]).finish()
+        results.append((history["train_loss"], params_of(trainer.model)))
+    reference = make_trainer()
+    expected = reference.fit(data[:2], epochs=1, callbacks=[accumulate])  # one window, one step
+    for losses, params in results:
+        assert losses == expected["train_loss"]
+        assert same_params(params, params_of(reference.model))
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGINT"), reason="needs SIGINT")
 def test_sigint_inside_the_step_of_evaluate_and_predict_keeps_the_batches_before_it() -> None:
     data = make_batches(5, 2, seed=3)
     trainer = make_trainer()
