@@ -217,8 +217,7 @@ class Driver:
                     raise self._unknown(stage) from None
                 ctx.stage = stage
                 if slot.watched:
-                    slot.count += 1
-                    if slot.waiters or slot.count >= slot.next_due:
+                    if slot.counting and self._due(slot):
                         self._dispatch(slot)  # coroutines are due: merge them in
                     else:
                         for fn in slot.fns:
@@ -282,6 +281,12 @@ class Driver:
                 self._dispatch(slot)
             if not quiet:
                 yield slot.event
+
+    def _due(self, slot: _Slot) -> bool:
+        """In a run with coroutines: count this occurrence of the slot's stage; whether a
+        coroutine waits for it or a filter of one is due."""
+        slot.count += 1
+        return bool(slot.waiters) or slot.count >= slot.next_due
 
     def _enter(self, stage: str) -> _Slot:
         """The slot of ``stage``, counted and made current (the event loop does this
