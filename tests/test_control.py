@@ -583,6 +583,21 @@ def test_sigint_during_fit_is_a_graceful_stop_and_the_handler_is_restored() -> N
     assert signal.getsignal(signal.SIGINT) is previous
 
 
+def _mse_step(ctx: Any, after_forward: Any = None) -> Any:
+    """A custom step doing what the default step does for make_trainer()'s MSE regression;
+    ``after_forward(ctx)`` runs right after the forward."""
+    ctx.pred = ctx.model(ctx.input)
+    if after_forward is not None:
+        after_forward(ctx)
+    yield "on_train_batch_after_pred"
+    ctx.loss = torch.nn.functional.mse_loss(ctx.pred, ctx.target)
+    yield "on_train_batch_after_loss"
+    ctx.backward(ctx.loss)
+    yield "on_train_batch_before_step"
+    ctx.step_optimizer()
+    yield "on_train_batch_after_step"
+
+
 def _interrupting_loss(at_call: int) -> Any:
     """An MSE loss that sends a real SIGINT to this process at its ``at_call``-th call."""
     calls: list[int] = []
@@ -681,14 +696,7 @@ def test_ctrl_c_closes_a_custom_step_before_on_interrupt() -> None:
 
     def step(ctx: Any) -> Any:
         try:
-            ctx.pred = ctx.model(ctx.input)
-            yield "on_train_batch_after_pred"
-            ctx.loss = torch.nn.functional.mse_loss(ctx.pred, ctx.target)
-            yield "on_train_batch_after_loss"
-            ctx.backward(ctx.loss)
-            yield "on_train_batch_before_step"
-            ctx.step_optimizer()
-            yield "on_train_batch_after_step"
+            yield from _mse_step(ctx)
         finally:
             log.append(f"step cleanup {ctx.iter}")
 
@@ -823,16 +831,11 @@ def test_emit_from_a_custom_step_under_fit_is_delivered_inside_the_batch() -> No
         stages = ("on_milestone",)
 
         def train_step(self, ctx: Any) -> Any:
-            ctx.pred = ctx.model(ctx.input)
-            if ctx.iter == 2:
-                ctx.emit("on_milestone")
-            yield "on_train_batch_after_pred"
-            ctx.loss = torch.nn.functional.mse_loss(ctx.pred, ctx.target)
-            yield "on_train_batch_after_loss"
-            ctx.backward(ctx.loss)
-            yield "on_train_batch_before_step"
-            ctx.step_optimizer()
-            yield "on_train_batch_after_step"
+            return _mse_step(ctx, after_forward=emit_at_batch_2)
+
+    def emit_at_batch_2(ctx: Any) -> None:
+        if ctx.iter == 2:
+            ctx.emit("on_milestone")
 
     heard: list[tuple[str | None, int, int]] = []
 
