@@ -5,9 +5,9 @@ The driver wraps the loop generator. For each stage the loop yields it runs the 
 that listen to that stage, in ``(weight, position)`` order, then yields the ``Event`` to
 the consumer. Class handlers are sorted once per run; a coroutine callback is merged in
 among them when it starts waiting for a stage (the stage it waits for changes as it runs),
-and at dispatch time when a filter of it is due. A stage nobody listens
-to costs one dict look-up and one attribute write (a run with coroutines also counts it,
-for `every` filters).
+and at dispatch time when a filter of it is due. A stage nobody listens to costs one dict
+look-up and one attribute write (a run with coroutines also counts it, for ``every``
+filters); under ``fit()``, the loop does not even yield it inside a batch (``ctx._silent``).
 """
 
 from __future__ import annotations
@@ -265,38 +265,32 @@ class Driver:
         ctx = self.ctx
         while ctx._attention:
             while ctx._emitted:
-                stage = ctx._emitted.pop(0)
                 previous = ctx.stage
-                slot = self._enter(stage)
-                if slot.watched:
-                    self._dispatch(slot)
-                if not quiet:
-                    yield slot.event
+                yield from self._deliver(ctx._emitted.pop(0), quiet)
                 ctx.stage = previous
             stage = self._interrupt(loop)
             if stage is None:
                 return
-            slot = self._enter(stage)
-            if slot.watched:
-                self._dispatch(slot)
-            if not quiet:
-                yield slot.event
+            yield from self._deliver(stage, quiet)
+
+    def _deliver(self, stage: str, quiet: bool) -> Generator[Event, None, None]:
+        """Run ``stage``'s handlers and coroutines, and yield its event unless quiet (what
+        the event loop does inline)."""
+        slot = self.slots.get(stage)
+        if slot is None:
+            raise self._unknown(stage)
+        self.ctx.stage = stage
+        slot.count += 1
+        if slot.watched:
+            self._dispatch(slot)
+        if not quiet:
+            yield slot.event
 
     def _due(self, slot: _Slot) -> bool:
         """In a run with coroutines: count this occurrence of the slot's stage; whether a
         coroutine waits for it or a filter of one is due."""
         slot.count += 1
         return bool(slot.waiters) or slot.count >= slot.next_due
-
-    def _enter(self, stage: str) -> _Slot:
-        """The slot of ``stage``, counted and made current (the event loop does this
-        inline)."""
-        slot = self.slots.get(stage)
-        if slot is None:
-            raise self._unknown(stage)
-        self.ctx.stage = stage
-        slot.count += 1
-        return slot
 
     def _unknown(self, stage: Any) -> ValueError:
         return ValueError(unknown_stage_message(stage, "the step's yields", self.stages))
