@@ -36,14 +36,62 @@ class Context:
     # Slots: the loop and the driver read and write these on every event, and a slot is
     # the fastest attribute there is. ``__dict__`` stays, for what callbacks add.
     __slots__ = (
-        "model", "optimizers", "opt_name", "opt", "loss_fn", "device", "scaler", "hparams",
-        "is_main_process", "epoch", "completed_epochs", "min_epochs", "max_epochs", "max_steps", "iter",
-        "num_batches", "step", "training", "phase", "stage", "batch", "input", "target", "pred", "loss",
-        "losses", "skipped", "is_last_batch", "exception", "stop_reason", "metrics", "history",
-        "train_data", "valid_data", "data", "callbacks", "accumulate_steps", "predictions", "autocast",
-        "unpack", "stages", "_check_loss", "_params", "_in_batch", "_skip_validation",
-        "_batch_backward", "_scaler_stepped", "_silent", "_attention", "_emitted", "_interrupt_pending",
-        "_interrupted", "_sigint_count", "__dict__", "__weakref__",
+        "model",
+        "optimizers",
+        "opt_name",
+        "opt",
+        "loss_fn",
+        "device",
+        "scaler",
+        "hparams",
+        "is_main_process",
+        "epoch",
+        "completed_epochs",
+        "min_epochs",
+        "max_epochs",
+        "max_steps",
+        "iter",
+        "num_batches",
+        "step",
+        "training",
+        "phase",
+        "stage",
+        "batch",
+        "input",
+        "target",
+        "pred",
+        "loss",
+        "losses",
+        "skipped",
+        "is_last_batch",
+        "exception",
+        "stop_reason",
+        "metrics",
+        "history",
+        "train_data",
+        "valid_data",
+        "data",
+        "callbacks",
+        "accumulate_steps",
+        "predictions",
+        "autocast",
+        "unpack",
+        "stages",
+        "_check_loss",
+        "_params",
+        "_in_batch",
+        "_skip_validation",
+        "_batch_backward",
+        "_window_open",
+        "_scaler_stepped",
+        "_silent",
+        "_attention",
+        "_emitted",
+        "_interrupt_pending",
+        "_interrupted",
+        "_sigint_count",
+        "__dict__",
+        "__weakref__",
     )
 
     def __init__(
@@ -114,6 +162,7 @@ class Context:
         self._in_batch = False
         self._skip_validation = False
         self._batch_backward = False  # this batch ran a backward
+        self._window_open = False  # a backward ran since the optimizer last stepped
         self._scaler_stepped = False  # a GradScaler step awaits its once-per-batch update()
         # Stages the loop need not yield, only record in ``stage``: in fit(), the stages inside
         # a batch that nothing watches (see Driver.events).
@@ -196,7 +245,7 @@ class Context:
         ``ctx.opt``), so one optimizer's loss does not leak into another's gradients.
         """
         if self.accumulate_steps != 1:
-            loss = loss / self.accumulate_steps
+            loss = loss / self._window_size()
         if self.scaler is not None:
             loss = self.scaler.scale(loss)
         if self._params:
@@ -212,6 +261,24 @@ class Context:
         else:
             loss.backward()
         self._batch_backward = True
+        self._window_open = True
+
+    def _window_size(self) -> int:
+        """The number of batches whose gradients this batch's step will sum: ``accumulate_steps``,
+        or k for a last window of k < steps batches when the data has a length."""
+        steps = self.accumulate_steps
+        total = self.num_batches
+        if total is not None:
+            tail = total % steps
+            if tail and self.iter > total - tail:
+                return tail
+        return steps
+
+    @property
+    def gradients_pending(self) -> bool:
+        """True when a backward ran since the optimizer last stepped (a gradient-accumulation
+        window is open)."""
+        return self._window_open
 
     @property
     def accumulating(self) -> bool:
@@ -232,12 +299,14 @@ class Context:
         else:
             opt.step()
         opt.zero_grad(set_to_none=True)
+        self._window_open = False
 
     def zero_grad(self) -> None:
         """Drop the gradients of every optimizer (after a batch skipped after its backward, and
         at the end of each train phase, so an accumulation window cut short leaks into nothing)."""
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
+        self._window_open = False
 
     # -- records -----------------------------------------------------------------------
 

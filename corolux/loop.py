@@ -208,22 +208,25 @@ def _phase(
     device = ctx.device
     move = device.type != "cpu"  # on the CPU a batch is used as it comes
     silent = ctx._silent
+    exhausted = False
     try:
         yield begin
         iterator = iter(data)
-        batch = next(iterator, _END)
-        if batch is _END:
-            raise ValueError(f"the {phase} data yielded no batches; pass at least one batch")
-        if move:
-            batch = to_device(batch, device)
-        while batch is not _END and ctx.stop_reason is None:  # a stop at *_begin runs no batch
-            # Look one batch ahead: the step knows the last batch (gradient accumulation), and
-            # on CUDA the next batch's non-blocking copy overlaps this step.
-            following = next(iterator, _END)
-            if move and following is not _END:
-                following = to_device(following, device)
-            ctx.is_last_batch = following is _END
+        # A hand-written loop's order of work: the next batch is requested only after this
+        # one's *_batch_end handlers ran (data may depend on the model, and a dataset's RNG
+        # draws interleave with the step's as in `for x, y in loader:`). On CUDA the copy is
+        # non-blocking and kernels are asynchronous, so the CPU still runs ahead.
+        while ctx.stop_reason is None:  # a stop at *_begin runs no batch
+            batch = next(iterator, _END)
+            if batch is _END:
+                if ctx.iter == 0:
+                    raise ValueError(f"the {phase} data yielded no batches; pass at least one batch")
+                exhausted = True
+                break
+            if move:
+                batch = to_device(batch, device)
             ctx.iter += 1
+            ctx.is_last_batch = ctx.iter == ctx.num_batches
             ctx.batch = batch
             if default_pairs and type(batch) is tuple and len(batch) == 2:
                 ctx.input, ctx.target = batch  # the common layout, without a call
@@ -280,7 +283,8 @@ def _phase(
             finally:  # also when a Ctrl-C during *_batch_end ends the phase: this batch is done
                 if outputs is not None and not ctx.skipped:
                     outputs.append(ctx.pred)
-            batch = following
+        if exhausted and training and ctx.accumulate_steps > 1 and ctx.gradients_pending:
+            yield from _step_open_window(ctx)
     except KeyboardInterrupt as exc:
         yield from _interrupt(ctx, exc)
     if outputs:
@@ -291,6 +295,22 @@ def _phase(
     if training:
         ctx.zero_grad()  # an accumulation window cut short (stop, Ctrl-C) leaks into nothing
     yield end
+
+
+def _step_open_window(ctx: Context) -> Loop:
+    """Step the accumulation window that is still open when data without a length ends
+    (with a length, its last batch steps it): ``on_train_batch_before_step`` and
+    ``_after_step`` come between the last ``on_train_batch_end`` and ``on_train_end``, once
+    per optimizer, with ``ctx.in_batch`` false."""
+    for name, opt in ctx.optimizers.items():
+        ctx.opt_name, ctx.opt = name, opt
+        yield TRAIN_BEFORE_STEP
+        ctx.step_optimizer(opt)
+        ctx.step += 1  # the epoch's end: max_steps is checked after the epoch
+        yield TRAIN_AFTER_STEP
+    if ctx._scaler_stepped:
+        ctx.scaler.update()
+        ctx._scaler_stepped = False
 
 
 _PHASE_STAGES = {

@@ -458,3 +458,49 @@ def test_dict_batch_with_dict_input():
     batches = [{"input": {"left": x[:, :2], "right": x[:, 2:]}, "target": y}]
     trainer_for(model).fit(batches)
     assert model.calls == [(150, 150)]
+
+
+# -- order of work (DESIGN §8 Data) -------------------------------------------------------------
+
+
+class ModelDependentBatches:
+    """Batches built from the model as it is when each one is requested (as RL episodes or
+    hard-negative mining are); records the weight it saw and when it was asked."""
+
+    def __init__(self, model: torch.nn.Module, events: list[str], n: int = 4) -> None:
+        self.model, self.events, self.n = model, events, n
+        self.seen: list[torch.Tensor] = []
+
+    def __iter__(self):
+        x, y = iris(8 * self.n)
+        for i in range(self.n):
+            self.seen.append(self.model.weight.detach().clone())
+            self.events.append(f"fetch {i + 1}")
+            yield x[8 * i : 8 * (i + 1)], y[8 * i : 8 * (i + 1)]
+
+
+@pytest.mark.parametrize("drive", ["fit", "run"])
+def test_the_next_batch_is_requested_after_this_batchs_end_handlers(drive):
+    events: list[str] = []
+    model = torch.nn.Linear(4, 3)
+    data = ModelDependentBatches(model, events)
+    ends = corolux.callback("ends", on_train_batch_end=lambda self, ctx: events.append(f"end {ctx.iter}"))()
+    trainer = trainer_for(model)
+    if drive == "fit":
+        trainer.fit(data, epochs=1, callbacks=[ends])
+    else:
+        for _ in trainer.run(data, epochs=1, callbacks=[ends]):
+            pass
+    assert events == ["fetch 1", "end 1", "fetch 2", "end 2", "fetch 3", "end 3", "fetch 4", "end 4"]
+    # Each batch was built from the weights that the previous batch's step produced.
+    assert all(not torch.equal(a, b) for a, b in zip(data.seen, data.seen[1:], strict=False))
+
+
+def test_is_last_batch_comes_from_the_length():
+    seen: list[tuple[int, bool]] = []
+    log = corolux.callback(
+        "log", on_train_batch_begin=lambda self, ctx: seen.append((ctx.iter, ctx.is_last_batch))
+    )()
+    x, y = iris(40)
+    trainer_for().fit((x, y), epochs=1, batch_size=16, callbacks=[log])
+    assert seen == [(1, False), (2, False), (3, True)]
