@@ -292,7 +292,11 @@ class Context:
         per batch, after every optimizer has stepped."""
         opt = self.opt if opt is None else opt
         if opt is None:
-            raise RuntimeError("step_optimizer(): this trainer has no optimizer")
+            raise RuntimeError(
+                "step_optimizer(): this trainer has no optimizer (optimizer=None): a step that "
+                "updates the parameters by hand does so between on_train_batch_before_step and "
+                "on_train_batch_after_step, without step_optimizer()"
+            )
         if self.scaler is not None:
             self.scaler.step(opt)
             self._scaler_stepped = True  # the loop calls scaler.update() once, at the batch's end

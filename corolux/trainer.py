@@ -288,10 +288,11 @@ class Trainer:
         max_steps: int | None,
     ) -> tuple[Driver, Callable[[], loop.Loop]]:
         self._check_idle()
-        if not self.optimizers:
+        if not self.optimizers and not self._steps["train"][1]:
             raise ValueError(
-                "fit() needs an optimizer: Trainer(model, optimizer=lambda params: "
-                "torch.optim.AdamW(params, lr=1e-3), ...)"
+                "fit() needs an optimizer for the default train step: Trainer(model, "
+                "optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3), ...); a custom "
+                "train_step that updates the parameters itself may run with optimizer=None"
             )
         min_epochs, max_epochs = resolve_epochs(epochs)
         if max_steps is not None and (

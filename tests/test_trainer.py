@@ -674,6 +674,31 @@ def test_fit_without_optimizer_says_how_to_give_one():
         trainer.fit(iris())
 
 
+def test_a_custom_step_that_updates_by_hand_runs_without_an_optimizer():
+    # pytorch/examples' regression script: p.data.add_(-lr * p.grad), no torch optimizer.
+    def sgd_by_hand(ctx):
+        ctx.pred = ctx.model(ctx.input)
+        ctx.loss = F.cross_entropy(ctx.pred, ctx.target)
+        yield "on_train_batch_after_loss"
+        ctx.backward(ctx.loss)
+        yield "on_train_batch_before_step"
+        with torch.no_grad():
+            for p in ctx.model.parameters():
+                p.add_(-0.1 * p.grad)
+                p.grad = None
+        yield "on_train_batch_after_step"
+
+    model = mlp(4, 3)
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = make_trainer(model, optimizer=None, train_step=sgd_by_hand)
+    steps: list[int] = []
+    record = Recorder(lambda stage, ctx: steps.append(ctx.step), "on_fit_end")
+    history = trainer.fit(iris(), epochs=2, batch_size=50, callbacks=[record])
+    assert steps == [6] and len(history) == 2
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert history["train_loss"][1] < history["train_loss"][0]
+
+
 # -- corolux.fit -------------------------------------------------------------------------------
 
 
