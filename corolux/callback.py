@@ -13,7 +13,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from corolux.events import Event, StageSpec
 
-__all__ = ["Callback", "CoroutineCallback", "callback", "coroutine", "listened_stages", "weight_of"]
+__all__ = [
+    "Callback",
+    "CoroutineCallback",
+    "callback",
+    "coroutine",
+    "handlers_of",
+    "listened_stages",
+    "weight_of",
+]
 
 
 class Callback:
@@ -22,8 +30,11 @@ class Callback:
     ``float("inf")`` runs last).
 
     Only the stages a callback defines a method for cost anything: the driver dispatches
-    to listeners only. Optional protocol: ``setup(ctx)`` (before ``on_fit_begin``),
-    ``teardown(ctx)`` (once, after the last event, in every outcome), ``state_dict()`` /
+    to listeners only. An ``on_<stage>`` attribute set on the instance counts too (looked
+    up once per run), so one class can listen to a stage chosen at construction.
+
+    Optional protocol: ``setup(ctx)`` (before ``on_fit_begin``), ``teardown(ctx)`` (once,
+    after the last event, in every outcome), ``state_dict()`` /
     ``load_state_dict(state)`` (saved in checkpoints).
 
     Example:
@@ -61,6 +72,34 @@ def listened_stages(cls: type) -> tuple[str, ...]:
 
 
 _LISTENED: weakref.WeakKeyDictionary[type, tuple[str, ...]] = weakref.WeakKeyDictionary()
+
+
+def handlers_of(cb: Any) -> dict[str, Callable[[Any], Any]]:
+    """The handlers of a class callback by stage name: the ``on_*`` methods of its class and
+    the callable ``on_*`` attributes set on the instance (``self.on_epoch_end = fn``), in
+    definition order. The driver looks them up once per run.
+
+    Example:
+        >>> class Every(Callback):
+        ...     def __init__(self, stage):
+        ...         setattr(self, stage, self.hit)
+        ...     def hit(self, ctx):
+        ...         pass
+        >>> list(handlers_of(Every("on_epoch_end")))
+        ['on_epoch_end']
+    """
+    names = dict.fromkeys(listened_stages(type(cb)))
+    own = getattr(cb, "__dict__", None)
+    if own:
+        names.update(
+            dict.fromkeys(name for name, value in own.items() if name.startswith("on_") and callable(value))
+        )
+    handlers = {}
+    for name in names:
+        handler = getattr(cb, name)
+        if callable(handler):  # an instance attribute may switch a method off (= None)
+            handlers[name] = handler
+    return handlers
 
 
 def weight_of(cb: Any, stage: str) -> float:

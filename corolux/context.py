@@ -8,10 +8,14 @@ from typing import Any
 import torch
 
 from corolux._suggest import did_you_mean
-from corolux.events import ONE_OFF_STAGES, Stage
+from corolux.control import Signals
+from corolux.events import ONE_OFF_STAGES, SCOPE_STAGES, Stage
 from corolux.history import History
+from corolux.precision import Precision
 
 _NESTED_STAGES = frozenset(Stage) - ONE_OFF_STAGES
+_BATCH_ENDS = frozenset(stages[2] for stages in SCOPE_STAGES.values())
+_Tensor = torch.Tensor
 
 __all__ = ["Context"]
 
@@ -26,15 +30,26 @@ class Context:
     >>> # ctx.loss = ctx.loss * 0
 
     Control: :meth:`stop_training`, :meth:`skip_batch`, :meth:`skip_validation`,
-    :meth:`emit`. Custom steps use :meth:`backward`, :attr:`accumulating` and
-    :meth:`step_optimizer` to do what the default step does.
+    :meth:`emit`, :meth:`request_interrupt`. Custom steps use :meth:`backward`,
+    :attr:`accumulating`, :meth:`step_optimizer` and :meth:`unscale_gradients` to do what
+    the default step does.
 
-    Its own attributes are slots (the loop reads and writes them on every event), so
-    ``dir(ctx)`` lists them while ``vars(ctx)`` holds only the attributes callbacks add.
+    Who writes what: the loop (``corolux.loop``) writes the counters and the batch
+    (``epoch``, ``iter``, ``step``, ``stage``, ``phase``, ``batch``, ``input``, ``target``,
+    ``pred``, ``loss``, ...) directly, and opens and closes epochs, phases and batches
+    through the ``begin_*``/``end_*`` methods below, which own the private fields. Read-only
+    views: :attr:`in_batch`, :attr:`validation_skipped`, :attr:`gradients_pending`,
+    :attr:`step_skipped`. Its own attributes are slots (the loop touches them on every
+    event), so ``dir(ctx)`` lists them while ``vars(ctx)`` holds what callbacks add.
     """
 
-    # Slots: the loop and the driver read and write these on every event, and a slot is
-    # the fastest attribute there is. ``__dict__`` stays, for what callbacks add.
+    # Invariant (only the methods of this class write the private fields):
+    #   _in_batch            from begin_batch() to end_batches() or the next begin_phase()
+    #   _batch_backward      a backward ran in the current batch (begin_batch() clears it)
+    #   _window_open         a backward ran since an optimizer last stepped (backward() sets it;
+    #                        step_optimizer() and zero_grad() clear it)
+    #   _validation_skipped  skip_validation() was given this epoch (begin_epoch() clears it)
+    #   _params              per optimizer, the parameters its backward reaches (several only)
     __slots__ = (
         "model",
         "optimizers",
@@ -42,9 +57,11 @@ class Context:
         "opt",
         "loss_fn",
         "device",
+        "precision",
         "scaler",
         "hparams",
         "is_main_process",
+        "kind",
         "epoch",
         "completed_epochs",
         "min_epochs",
@@ -74,22 +91,14 @@ class Context:
         "callbacks",
         "accumulate_steps",
         "predictions",
-        "autocast",
         "unpack",
         "stages",
-        "_check_loss",
-        "_params",
+        "signals",
         "_in_batch",
-        "_skip_validation",
         "_batch_backward",
         "_window_open",
-        "_scaler_stepped",
-        "_silent",
-        "_attention",
-        "_emitted",
-        "_interrupt_pending",
-        "_interrupted",
-        "_sigint_count",
+        "_validation_skipped",
+        "_params",
         "__dict__",
         "__weakref__",
     )
@@ -101,12 +110,15 @@ class Context:
         optimizers: Mapping[str, torch.optim.Optimizer],
         loss_fn: Callable[..., torch.Tensor] | None,
         device: torch.device,
-        scaler: Any = None,
+        precision: Precision | None = None,
+        kind: str = "fit",
         hparams: Mapping[str, Any] | None = None,
         is_main_process: bool = True,
         stages: frozenset[str] = frozenset(),
         unpack: Callable[[Any], tuple[Any, Any]],
     ) -> None:
+        if kind not in ("fit", "evaluate", "predict"):
+            raise ValueError(f"kind must be 'fit', 'evaluate' or 'predict', got {kind!r}")
         self.model = model
         self.optimizers: dict[str, torch.optim.Optimizer] = dict(optimizers)
         first = next(iter(self.optimizers.items()), (None, None))
@@ -114,9 +126,14 @@ class Context:
         self.opt: torch.optim.Optimizer | None = first[1]
         self.loss_fn = loss_fn
         self.device = device
-        self.scaler = scaler
+        #: Autocast, loss scaling, unscaling and stepping (``"32"``, ``"bf16-mixed"``, ``"16-mixed"``).
+        self.precision = precision if precision is not None else Precision("32", device)
+        #: The GradScaler of ``"16-mixed"``, else None.
+        self.scaler = self.precision.scaler
         self.hparams: dict[str, Any] = dict(hparams or {})
         self.is_main_process = is_main_process
+        #: What this run does: ``"fit"``, ``"evaluate"`` or ``"predict"``.
+        self.kind = kind
         self.epoch = 0
         self.completed_epochs = 0
         self.min_epochs = 0
@@ -151,30 +168,55 @@ class Context:
         self.accumulate_steps = 1
         #: The predictions of ``predict()``, concatenated, once the run has ended.
         self.predictions: Any = None
-        #: Builds the autocast context of the forward, or None at full precision.
-        self.autocast: Callable[[], Any] | None = None
         #: Splits a batch into (input, target) (the trainer's ``unpack``).
         self.unpack: Callable[[Any], tuple[Any, Any]] = unpack
         #: Every stage name this run knows: the built-in ones and the trainer's custom ones.
         self.stages = stages
-        self._check_loss = True
-        self._params: dict[int, list[torch.Tensor]] = {}
+        #: Emitted stages and Ctrl-C, which the loop acts on after each stage.
+        self.signals = Signals()
         self._in_batch = False
-        self._skip_validation = False
-        self._batch_backward = False  # this batch ran a backward
-        self._window_open = False  # a backward ran since the optimizer last stepped
-        self._scaler_stepped = False  # a GradScaler step awaits its once-per-batch update()
-        # Stages the loop need not yield, only record in ``stage``: in fit(), the stages inside
-        # a batch that nothing watches (see Driver.events).
-        self._silent: frozenset[str] = frozenset()
-        # The driver looks at these after each event: emitted stages and Ctrl-C requests.
-        self._attention = False
-        self._emitted: list[str] = []
-        self._interrupt_pending = False
-        self._interrupted = False
-        self._sigint_count = 0
+        self._batch_backward = False
+        self._window_open = False
+        self._validation_skipped = False
+        self._params: dict[int, list[torch.Tensor]] = {}
+        if len(self.optimizers) > 1:
+            self._params = {
+                id(opt): [p for group in opt.param_groups for p in group["params"] if p.requires_grad]
+                for opt in self.optimizers.values()
+            }
 
-    # -- control ---------------------------------------------------------------------
+    # -- read-only views -------------------------------------------------------------------
+
+    @property
+    def in_batch(self) -> bool:
+        """True at the stages of a batch, from ``on_*_batch_begin`` to ``on_*_batch_end``
+        (``ctx.batch``, ``input``, ``target``, ``pred`` and ``loss`` are this batch's)."""
+        return self._in_batch
+
+    @property
+    def validation_skipped(self) -> bool:
+        """``skip_validation()`` was given this epoch."""
+        return self._validation_skipped
+
+    @property
+    def gradients_pending(self) -> bool:
+        """True when a backward ran since the optimizer last stepped (a gradient-accumulation
+        window is open)."""
+        return self._window_open
+
+    @property
+    def step_skipped(self) -> bool:
+        """The GradScaler skipped the last optimizer step because the gradients held inf or
+        NaN (always False without one); read it at ``on_train_batch_after_step``."""
+        return self.precision.step_skipped
+
+    @property
+    def accumulating(self) -> bool:
+        """True when this batch only accumulates gradients and the optimizer does not step."""
+        n = self.accumulate_steps
+        return n > 1 and self.iter % n != 0 and not self.is_last_batch and self.stop_reason is None
+
+    # -- control ---------------------------------------------------------------------------
 
     def stop_training(self, reason: str = "stopped") -> None:
         """End training: the current batch finishes, open scopes end, then ``on_fit_end``.
@@ -193,7 +235,7 @@ class Context:
             RuntimeError: outside a batch (valid from ``on_*_batch_begin`` up to the last
                 stage before ``on_*_batch_end``).
         """
-        if not self._in_batch:
+        if not self._in_batch or self.stage in _BATCH_ENDS:
             raise RuntimeError(
                 f"skip_batch() at {self.stage!r}: there is no batch to skip here; it is valid "
                 "from on_train_batch_begin (or on_valid_batch_begin, on_predict_batch_begin) "
@@ -204,7 +246,7 @@ class Context:
     def skip_validation(self) -> None:
         """Do not run this epoch's validation loop (a no-op without validation data or
         once validation has started)."""
-        self._skip_validation = True
+        self._validation_skipped = True
 
     def emit(self, stage: str) -> None:
         """Ask for a one-off event (``on_early_stopping`` or a custom stage): its
@@ -216,55 +258,53 @@ class Context:
                 f"or a custom stage of the trainer;{did_you_mean(str(stage), emittable) or ''} "
                 "the stages of the tree are the loop's alone"
             )
-        self._emitted.append(stage)
-        self._attention = True
-
-    @property
-    def _aborting(self) -> bool:
-        """A Ctrl-C now aborts: a graceful stop has already begun, or Ctrl-C came twice."""
-        return self._interrupted or self._sigint_count >= 2
-
-    def _stop_for_interrupt(self) -> None:
-        """Begin the graceful stop of a first Ctrl-C."""
-        self._interrupted = True
-        self.history.interrupted = True
-        self.stop_training("interrupted")
+        self.signals.emit(stage)
 
     def request_interrupt(self) -> None:
-        """Ask for a graceful stop at the next event, as Ctrl-C does under ``fit()``."""
-        self._interrupt_pending = True
-        self._attention = True
+        """Ask for a graceful stop at the next stage, as Ctrl-C does under ``fit()``."""
+        self.signals.request()
 
-    # -- custom-step helpers -----------------------------------------------------------
+    # -- custom-step helpers -----------------------------------------------------------------
 
     def backward(self, loss: torch.Tensor, opt: torch.optim.Optimizer | None = None) -> None:
         """Backpropagate ``loss`` as the default step does: scaled by ``1/accumulate_steps``
-        and by the GradScaler when there is one.
+        (``1/k`` in a last window of k batches) and by the GradScaler when there is one.
 
         With several optimizers the gradients go only to the parameters of ``opt`` (default
         ``ctx.opt``), so one optimizer's loss does not leak into another's gradients.
+
+        Raises:
+            ValueError: ``loss`` is not a scalar tensor (e.g. a float assigned to ``ctx.loss``).
         """
-        if self.accumulate_steps != 1:
-            loss = loss / self._window_size()
-        if self.scaler is not None:
-            loss = self.scaler.scale(loss)
-        if self._params:
-            # Several optimizers: this loss's gradients go to this optimizer's parameters only.
-            opt = self.opt if opt is None else opt
-            params = self._params.get(id(opt))
-            if params is None:
-                raise ValueError(
-                    f"backward(): opt={opt!r} is not one of this trainer's optimizers "
-                    f"{list(self.optimizers)}; pass one of ctx.optimizers[name]"
-                )
-            loss.backward(inputs=params)
-        else:
-            loss.backward()
+        given = loss
+        try:
+            if self.accumulate_steps != 1:
+                loss = loss / self._window_size()
+            if self.scaler is not None:
+                loss = self.precision.scale(loss)
+            if self._params:
+                # Several optimizers: this loss's gradients go to this optimizer's parameters only.
+                opt = self.opt if opt is None else opt
+                params = self._params.get(id(opt))
+                if params is None:
+                    raise ValueError(
+                        f"backward(): opt={opt!r} is not one of this trainer's optimizers "
+                        f"{list(self.optimizers)}; pass one of ctx.optimizers[name]"
+                    )
+                loss.backward(inputs=params)
+            else:
+                loss.backward()
+        except (AttributeError, TypeError, RuntimeError):
+            problem = loss_problem(given)
+            if problem is None:
+                raise
+            where = f"ctx.loss at {str(self.stage)!r}, where it is backpropagated"
+            raise ValueError(f"{problem} ({where})") from None
         self._batch_backward = True
         self._window_open = True
 
     def _window_size(self) -> int:
-        """The number of batches whose gradients this batch's step will sum: ``accumulate_steps``,
+        """The number of batches whose gradients this batch's step sums: ``accumulate_steps``,
         or k for a last window of k < steps batches when the data has a length."""
         steps = self.accumulate_steps
         total = self.num_batches
@@ -274,22 +314,21 @@ class Context:
                 return tail
         return steps
 
-    @property
-    def gradients_pending(self) -> bool:
-        """True when a backward ran since the optimizer last stepped (a gradient-accumulation
-        window is open)."""
-        return self._window_open
+    def unscale_gradients(self, opt: torch.optim.Optimizer | None = None) -> None:
+        """Divide the gradients of ``opt`` (default ``ctx.opt``) by the GradScaler's scale,
+        so a callback at ``on_train_batch_before_step`` clips or reads true gradients.
 
-    @property
-    def accumulating(self) -> bool:
-        """True when this batch only accumulates gradients and the optimizer does not step."""
-        n = self.accumulate_steps
-        return n > 1 and self.iter % n != 0 and not self.is_last_batch and self.stop_reason is None
+        Idempotent within a step (the step then does not unscale again); a no-op without a
+        GradScaler. No host-device sync.
+        """
+        opt = self.opt if opt is None else opt
+        if opt is not None:
+            self.precision.unscale(opt)
 
     def step_optimizer(self, opt: torch.optim.Optimizer | None = None) -> None:
         """Step ``opt`` (default ``ctx.opt``) through the GradScaler when there is one,
         then zero its gradients (``set_to_none=True``). The scaler's ``update()`` runs once
-        per batch, after every optimizer has stepped."""
+        per batch, after every optimizer has stepped (the loop calls it)."""
         opt = self.opt if opt is None else opt
         if opt is None:
             raise RuntimeError(
@@ -297,11 +336,10 @@ class Context:
                 "updates the parameters by hand does so between on_train_batch_before_step and "
                 "on_train_batch_after_step, without step_optimizer()"
             )
-        if self.scaler is not None:
-            self.scaler.step(opt)
-            self._scaler_stepped = True  # the loop calls scaler.update() once, at the batch's end
+        if self.scaler is None:
+            opt.step()  # what Precision.step does at full precision, without the call
         else:
-            opt.step()
+            self.precision.step(opt)
         opt.zero_grad(set_to_none=True)
         self._window_open = False
 
@@ -312,7 +350,50 @@ class Context:
             opt.zero_grad(set_to_none=True)
         self._window_open = False
 
-    # -- records -----------------------------------------------------------------------
+    # -- the loop's side: corolux.loop opens and closes the scopes through these ----------------
+
+    def begin_epoch(self, epoch: int) -> None:
+        """For the loop: epoch ``epoch`` starts, with fresh metrics."""
+        self.epoch = epoch
+        self.metrics = {}
+        self._validation_skipped = False
+
+    def begin_phase(self, phase: str, data: Any, num_batches: int | None) -> None:
+        """For the loop: a pass over ``data`` (``"train"``, ``"valid"``, ``"predict"``) starts."""
+        self.phase = phase
+        self.training = phase == "train"
+        self.data = data
+        self.num_batches = num_batches
+        self.iter = 0
+        self.is_last_batch = False
+        self._in_batch = False
+
+    def begin_batch(self, batch: Any, input: Any, target: Any) -> None:
+        """For the loop: the next batch (``iter`` + 1) starts; the last one's pred, loss and
+        graph are dropped before this forward."""
+        self.iter = it = self.iter + 1
+        self.is_last_batch = it == self.num_batches
+        self.batch = batch
+        self.input = input
+        self.target = target
+        self.pred = self.loss = None
+        self.skipped = False
+        self._in_batch = True
+        self._batch_backward = False
+
+    def end_batch(self) -> None:
+        """For the loop, before ``on_*_batch_end``: drop the gradients of a batch skipped
+        after its backward, and update the GradScaler once for the batch."""
+        if self.skipped and self._batch_backward:
+            self.zero_grad()  # this batch's gradients must not reach the next step
+        if self.scaler is not None:
+            self.precision.update()
+
+    def end_batches(self) -> None:
+        """For the loop: the phase's batches are over (``in_batch`` is false from here)."""
+        self._in_batch = False
+
+    # -- records -----------------------------------------------------------------------------
 
     def log(self, name: str, value: Any) -> None:
         """Record a custom value in this epoch's history (``history[name]``).
@@ -334,6 +415,21 @@ class Context:
 
     def __repr__(self) -> str:
         return (
-            f"<Context stage={self.stage!r} epoch={self.epoch}/{self.max_epochs} "
+            f"<Context {self.kind} stage={self.stage!r} epoch={self.epoch}/{self.max_epochs} "
             f"phase={self.phase!r} iter={self.iter} step={self.step}>"
         )
+
+
+def loss_problem(loss: Any) -> str | None:
+    """What is wrong with ``loss`` as a loss (None when it is a scalar tensor)."""
+    if not isinstance(loss, _Tensor):
+        return (
+            f"the loss must be a scalar tensor, got {type(loss).__name__} {loss!r}; when changing "
+            "ctx.loss, assign a tensor (e.g. ctx.loss = ctx.loss * 0, not 0.0)"
+        )
+    if loss.ndim != 0:
+        return (
+            f"the loss must be a scalar tensor, got shape {tuple(loss.shape)}; reduce it (e.g. "
+            "reduction='mean' in the loss function, or .mean())"
+        )
+    return None

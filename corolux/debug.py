@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 from corolux._suggest import unknown_stage_message
 from corolux.context import Context
-from corolux.driver import context_of, graceful_sigint, warn_if_interrupted
-from corolux.events import ONE_OFF_STAGES, Event, Stage
+from corolux.control import graceful_sigint, warn_if_interrupted
+from corolux.driver import context_of
+from corolux.events import ONE_OFF_STAGES, PHASES, SCOPE_STAGES, STEP_STAGES, Event, Stage
 
 if TYPE_CHECKING:
     from corolux.history import History
@@ -26,12 +27,8 @@ __all__ = ["Stepper", "position"]
 Target = str | Collection[str] | Callable[[Event], Any] | None
 
 _BUILTIN = frozenset(Stage)
-_PHASES = ("train", "valid", "predict")
-# Stages that belong to a phase (its begin/end and everything between) and to a batch.
-_PHASE_STAGES = frozenset(s for s in Stage if s.value.split("_")[1] in _PHASES)
-_BATCH_STAGES = frozenset(s for s in Stage if "_batch_" in s.value)
-_PHASE_BEGINS = frozenset(Stage(f"on_{phase}_begin") for phase in _PHASES)
-_PHASE_ENDS = frozenset(Stage(f"on_{phase}_end") for phase in _PHASES)
+_PHASE_BEGINS = frozenset(SCOPE_STAGES[phase][0] for phase in PHASES)
+_PHASE_ENDS = frozenset(SCOPE_STAGES[phase][3] for phase in PHASES)
 # step() and until() hand back control at these even when they are not the target.
 _PAUSE_ALWAYS = frozenset({Stage.on_exception, Stage.on_interrupt})
 
@@ -47,11 +44,12 @@ def position(ctx: Context, stage: str, *, in_phase: bool = False) -> str:
         'epoch 2/10 · train · batch 5/32 · on_train_batch_after_loss'
     """
     parts = []
-    if ctx.max_epochs and ctx.epoch:  # a fit run, past on_fit_begin
+    if ctx.kind == "fit" and ctx.epoch:  # past on_fit_begin
         parts.append(f"epoch {ctx.epoch}/{ctx.max_epochs}")
-    # ctx._in_batch is the loop's own flag: it also covers custom and one-off stages.
-    in_batch = stage in _BATCH_STAGES or bool(getattr(ctx, "_in_batch", False))
-    if ctx.phase and (in_batch or in_phase or stage in _PHASE_STAGES):
+    builtin = stage if isinstance(stage, Stage) else None
+    # ctx.in_batch also covers custom and one-off stages yielded inside a batch.
+    in_batch = ctx.in_batch or (builtin is not None and builtin.in_batch)
+    if ctx.phase and (in_batch or in_phase or (builtin is not None and builtin.phase is not None)):
         parts.append(ctx.phase)
     if in_batch:
         total = "?" if ctx.num_batches is None else ctx.num_batches
@@ -295,7 +293,7 @@ class Stepper:
 
     def _guard(self) -> None:
         if self._stack is not None and not self._guarded and self._ctx is not None:
-            self._stack.enter_context(graceful_sigint(self._ctx))
+            self._stack.enter_context(graceful_sigint(self._ctx.signals))
             self._guarded = True
 
     def _advance(self) -> Event | None:
@@ -393,21 +391,17 @@ class Stepper:
 
 def _unreachable(ctx: Context) -> dict[str, str]:
     """Built-in stages this run can never yield, each with the reason."""
-    if ctx.max_epochs:
-        reasons: dict[str, str] = {s: "fit runs do not predict" for s in Stage if s.startswith("on_predict_")}
+    if ctx.kind == "fit":
+        reasons: dict[str, str] = {s: "fit runs do not predict" for s in Stage if s.phase == "predict"}
         if ctx.valid_data is None:
             reasons.update(
-                (s, "it has no validation data (pass valid_data=...)")
-                for s in Stage
-                if s.startswith("on_valid_")
+                (s, "it has no validation data (pass valid_data=...)") for s in Stage if s.phase == "valid"
             )
         return reasons
-    kind = "valid" if ctx.valid_data is not None else "predict"
-    reason = f"it is a run_{'evaluate' if kind == 'valid' else 'predict'}() run"
+    phase = "valid" if ctx.kind == "evaluate" else "predict"
+    reason = f"it is a run_{ctx.kind}() run"
     return {
-        s: reason
-        for s in Stage
-        if (s in _PHASE_STAGES and not s.startswith(f"on_{kind}_")) or s.scope in ("fit", "epoch")
+        s: reason for s in Stage if (s.phase is not None and s.phase != phase) or s.scope in ("fit", "epoch")
     }
 
 
@@ -416,23 +410,24 @@ def _tree(ctx: Context | None) -> list[tuple[int, str]]:
     of the stages outside the nesting."""
 
     def phase(name: str, depth: int) -> list[tuple[int, str]]:
-        inner = [s for s in Stage if s.startswith(f"on_{name}_batch_") and not (s.is_begin or s.is_end)]
+        begin, batch_begin, batch_end, end = SCOPE_STAGES[name]
+        inner = [s for s in Stage if s in STEP_STAGES[name]]  # in the tree's order
         return [
-            (depth, Stage(f"on_{name}_begin")),
-            (depth + 1, Stage(f"on_{name}_batch_begin")),
+            (depth, begin),
+            (depth + 1, batch_begin),
             *((depth + 2, s) for s in inner),
-            (depth + 1, Stage(f"on_{name}_batch_end")),
-            (depth, Stage(f"on_{name}_end")),
+            (depth + 1, batch_end),
+            (depth, end),
         ]
 
-    if ctx is None or ctx.max_epochs:
+    if ctx is None or ctx.kind == "fit":
         epoch = phase("train", 2)
         if ctx is None or ctx.valid_data is not None:
             epoch += phase("valid", 2)
         lines = [(0, Stage.on_fit_begin), (1, Stage.on_epoch_begin), *epoch]
         lines += [(1, Stage.on_epoch_end), (0, Stage.on_fit_end)]
     else:
-        lines = phase("valid" if ctx.valid_data is not None else "predict", 0)
+        lines = phase("valid" if ctx.kind == "evaluate" else "predict", 0)
     lines.append((-1, "outside the nesting:"))
     lines.extend((1, s) for s in Stage if s in ONE_OFF_STAGES)
     custom = sorted(s for s in (ctx.stages if ctx is not None else ()) if s not in _BUILTIN)

@@ -1,37 +1,40 @@
 """Running callbacks: each stage's weight-sorted handlers, built once per run; coroutines;
 signals; exception notes; setup and teardown.
 
-The driver wraps the loop generator. For each stage the loop yields it runs the handlers
-that listen to that stage, in ``(weight, position)`` order, then yields the ``Event`` to
-the consumer. Class handlers are sorted once per run; a coroutine callback is merged in
-among them when it starts waiting for a stage (the stage it waits for changes as it runs),
-and at dispatch time when a filter of it is due. A stage nobody listens to costs one dict
-look-up and one attribute write (a run with coroutines also counts it, for ``every``
-filters); under ``fit()``, the loop does not even yield it inside a batch (``ctx._silent``).
+The driver wraps the loop generator. For each stage the loop yields, it delivers the stage
+(:meth:`Driver._deliver`: count it, merge in the coroutines due, run the handlers in
+``(weight, position)`` order, note errors), then yields the ``Event`` to the consumer.
+Every stage goes through that one path: the loop's ordinary stages, the stages callbacks
+emit and ``on_interrupt`` (the loop yields those too) and ``on_exception`` (the driver's
+own). Class handlers are sorted once per run; a coroutine is merged in among them when it
+starts waiting for a stage (the stage it waits for changes as it runs), and at delivery
+when a filter of it is due. A stage nobody listens to costs one dict look-up; in a run
+without a consumer (``fit()``) the loop passes over the batch stages nobody listens to.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import operator
-import signal
-import threading
 import warnings
 import weakref
 from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from corolux._suggest import unknown_stage_message
-from corolux.callback import CoroutineCallback, listened_stages, weight_of
+from corolux.callback import CoroutineCallback, handlers_of, weight_of
 from corolux.context import Context
 from corolux.control import ControlSignal
 from corolux.events import Event, Filter, Stage
 
-__all__ = ["Driver", "check_callbacks", "context_of", "graceful_sigint", "warn_if_interrupted"]
+__all__ = ["Driver", "check_callbacks", "context_of"]
 
 _NEVER = float("inf")
 _ORDER = operator.itemgetter(0, 1)  # handlers run by (weight, position)
 Loop = Generator[Stage | str, None, None]
+#: Builds the run's loop generator, given the stages it may pass over.
+MakeLoop = Callable[[frozenset[str]], Loop]
+Entry = tuple[float, int, Callable[[Context], Any], Any]  # (weight, position, handler, owner)
 
 
 def _display(cb: Any) -> str:
@@ -58,7 +61,7 @@ def check_callbacks(callbacks: Sequence[Any], stages: Collection[str]) -> None:
         weight_of(cb, "on_fit_begin")  # raises TypeError for a non-numeric weight
         if isinstance(cb, CoroutineCallback):
             continue
-        names = listened_stages(type(cb))
+        names = handlers_of(cb)
         if not names and not any(hasattr(cb, m) for m in ("setup", "teardown")):
             raise TypeError(
                 f"callbacks: {cb!r} ({type(cb).__name__}) defines no on_<stage> method, setup "
@@ -72,9 +75,15 @@ def check_callbacks(callbacks: Sequence[Any], stages: Collection[str]) -> None:
 class _Coroutine:
     """A running coroutine callback: its generator and where it waits."""
 
-    __slots__ = ("cb", "gen", "name", "position", "slots", "spec", "weights")
+    __slots__ = ("cb", "gen", "name", "position", "slots", "spec", "weights", "wakers", "wake")
 
-    def __init__(self, cb: CoroutineCallback, gen: Generator[Any, Event, None], position: int):
+    def __init__(
+        self,
+        cb: CoroutineCallback,
+        gen: Generator[Any, Event, None],
+        position: int,
+        wake: Callable[[_Coroutine, _Slot, Context], None],
+    ) -> None:
         self.cb = cb
         self.gen = gen
         self.name = cb.name
@@ -82,6 +91,8 @@ class _Coroutine:
         self.slots: list[_Slot] = []
         self.spec: Any = None  # what it waits for now
         self.weights: dict[str, float] = {}
+        self.wakers: dict[str, Callable[[Context], None]] = {}
+        self.wake = wake
 
     def weight(self, stage: str) -> float:
         weight = self.weights.get(stage)
@@ -89,15 +100,20 @@ class _Coroutine:
             weight = self.weights[stage] = weight_of(self.cb, stage)
         return weight
 
+    def waker(self, slot: _Slot) -> Callable[[Context], None]:
+        """The handler that wakes this coroutine at ``slot``'s stage (built once per stage)."""
+        waker = self.wakers.get(slot.stage)
+        if waker is None:
+            waker = self.wakers[slot.stage] = functools.partial(self.wake, self, slot)
+        return waker
+
 
 class _Slot:
     """Everything the driver needs for one stage, found with one dict look-up."""
 
     __slots__ = (
         "stage",
-        "owners",
         "event",
-        "fns",
         "entries",
         "waiters",
         "filters",
@@ -105,45 +121,52 @@ class _Slot:
         "next_due",
         "counting",
         "watched",
-        "order",
+        "handlers",
+        "owners",
     )
 
     def __init__(self, stage: str, ctx: Context, counting: bool) -> None:
         self.stage = stage
         self.event = Event(stage, ctx)
-        self.fns: tuple[Callable[[Context], Any], ...] = ()
-        self.owners: tuple[Any, ...] = ()  # the callback of each fn, for error notes
-        self.entries: tuple[tuple[float, int, Callable[[Context], Any], Any], ...] = ()
+        self.entries: tuple[Entry, ...] = ()  # the class handlers, sorted
         self.waiters: list[_Coroutine] = []
         self.filters: list[tuple[int, _Coroutine]] = []
         self.count = 0  # occurrences so far, kept while ``counting`` (for ``every`` filters)
         self.next_due: float = _NEVER
         self.counting = counting  # the run has coroutines, which may wait on filters
         self.watched = counting
-        # The class handlers and the waiting coroutines, as (handler, owner) in (weight,
-        # position) order: what _dispatch runs when no filter is due.
-        self.order: tuple[tuple[Any, Any], ...] = ()
+        # The class handlers and the wakers of the waiting coroutines, in (weight, position)
+        # order, and the callback of each (for error notes): what _deliver runs.
+        self.handlers: tuple[Callable[[Context], Any], ...] = ()
+        self.owners: tuple[Any, ...] = ()
 
     def refresh(self) -> None:
         """Recompute what depends on the handlers, waiters and filters (after they change)."""
         self.next_due = min(due for due, _ in self.filters) if self.filters else _NEVER
-        self.watched = bool(self.fns or self.waiters or self.filters or self.counting)
+        self.watched = bool(self.entries or self.waiters or self.filters or self.counting)
         # A coroutine waiting on this stage twice over (['s', 's']) is woken once.
-        waiting = dict.fromkeys(self.waiters)
-        self.order = tuple((handler, owner) for _, _, handler, owner in self.merged(waiting))
+        self.handlers, self.owners = self.merged(dict.fromkeys(self.waiters))
 
-    def merged(self, coroutines: Iterable[_Coroutine]) -> list[tuple[float, int, Any, Any]]:
-        """The class handlers' entries with ``coroutines`` merged in by (weight, position)."""
+    def due(self) -> tuple[tuple[Callable[[Context], Any], ...], tuple[Any, ...]]:
+        """The handlers with the coroutines whose filters are due merged in, once each."""
+        coroutines = dict.fromkeys(self.waiters)
+        coroutines.update(dict.fromkeys(co for at, co in self.filters if at <= self.count))
+        return self.merged(coroutines)
+
+    def merged(
+        self, coroutines: Iterable[_Coroutine]
+    ) -> tuple[tuple[Callable[[Context], Any], ...], tuple[Any, ...]]:
+        """The class handlers with ``coroutines`` merged in by (weight, position)."""
         merged = list(self.entries)
-        merged.extend((co.weight(self.stage), co.position, co, co.cb) for co in coroutines)
+        merged.extend((co.weight(self.stage), co.position, co.waker(self), co.cb) for co in coroutines)
         merged.sort(key=_ORDER)
-        return merged
+        return tuple(e[2] for e in merged), tuple(e[3] for e in merged)
 
 
 class Driver:
     """Runs one run's callbacks around its loop generator.
 
-    ``events(make_loop)`` is the generator that ``Trainer.run()`` returns.
+    ``start(make_loop)`` returns the generator that ``Trainer.run()`` returns.
     """
 
     def __init__(self, ctx: Context, callbacks: Sequence[Any], stages: Collection[str]) -> None:
@@ -156,22 +179,20 @@ class Driver:
         self.counting = counting
         # Keyed by the Stage members the loop yields (a str value finds the same slot).
         self.slots: dict[str, _Slot] = {stage: _Slot(stage, ctx, counting) for stage in stages}
-        entries: dict[str, list[tuple[float, int, Callable[[Context], Any], Any]]] = {}
+        entries: dict[str, list[Entry]] = {}
         coroutines: list[tuple[_Coroutine, Any]] = []
         for position, cb in enumerate(callbacks):
             if isinstance(cb, CoroutineCallback):
                 gen, first = cb.start()
                 if first is not None:
-                    coroutines.append((_Coroutine(cb, gen, position), first))
+                    coroutines.append((_Coroutine(cb, gen, position, self._wake), first))
                 continue
-            for name in listened_stages(type(cb)):
-                entries.setdefault(name, []).append((weight_of(cb, name), position, getattr(cb, name), cb))
+            for name, handler in handlers_of(cb).items():
+                entries.setdefault(name, []).append((weight_of(cb, name), position, handler, cb))
         for name, items in entries.items():
-            items.sort(key=lambda e: (e[0], e[1]))
+            items.sort(key=_ORDER)
             slot = self.slots[name]
             slot.entries = tuple(items)
-            slot.fns = tuple(fn for _, _, fn, _ in items)
-            slot.owners = tuple(cb for _, _, _, cb in items)
             slot.refresh()
         self._annotated: BaseException | None = None
         for co, first in coroutines:
@@ -179,18 +200,20 @@ class Driver:
 
     # -- the run -------------------------------------------------------------------------------
 
-    def start(self, make_loop: Callable[[], Loop], *, quiet: bool = False) -> Generator[Event, None, None]:
+    def start(self, make_loop: MakeLoop, *, consumer: bool = True) -> Generator[Event, None, None]:
         """Return the run's event generator (what ``Trainer.run()`` returns); nothing runs
         until its first ``next()``. ``context_of(gen)`` finds this run's ``ctx``."""
-        gen = self.events(make_loop, quiet=quiet)
+        gen = self.events(make_loop, consumer=consumer)
         _CONTEXTS[gen] = self.ctx
         return gen
 
-    def events(self, make_loop: Callable[[], Loop], *, quiet: bool = False) -> Generator[Event, None, None]:
+    def events(self, make_loop: MakeLoop, *, consumer: bool = True) -> Generator[Event, None, None]:
         """Set up, drive the loop and its callbacks, tear down; yield each Event.
 
-        ``quiet=True`` (``fit()``, which has no consumer) runs the same dispatch without
-        suspending at each event: the whole run happens in the first ``next()``.
+        ``consumer=False`` (``fit()``, ``evaluate()``, ``predict()``) runs the same delivery
+        without suspending at each event: the whole run happens in the first ``next()``.
+        With no consumer and no coroutine, the loop may pass over the stages no handler
+        listens to (see ``corolux.loop``): they would reach nobody.
         """
         __tracebackhide__ = True
         ctx = self.ctx
@@ -199,52 +222,37 @@ class Driver:
         escaping: BaseException | None = None
         # The loop switches train/eval mode; the run restores each submodule's own mode.
         modes = [(module, module.training) for module in ctx.model.modules()]
-        if quiet and not self.counting:
-            # No consumer and no coroutine: a stage no handler watches reaches nobody, so the
-            # loop only records it in ctx.stage. It does so inside a batch only, and yields the
-            # stage anyway while ctx._attention is set, so an emit or a Ctrl-C is acted on
-            # where it would be if every stage came here.
-            ctx._silent = frozenset(stage for stage, slot in slots.items() if not slot.watched)
+        pass_over: frozenset[str] = frozenset()
+        if not consumer and not self.counting:
+            pass_over = frozenset(stage for stage, slot in slots.items() if not slot.watched)
         try:
             self._call_each("setup")
-            loop = make_loop()
+            loop = make_loop(pass_over)
             for stage in loop:
-                # The hot path, written out: a slot look-up, and the class handlers of
-                # watched stages; everything rare goes through _attend.
                 try:
                     slot = slots[stage]
                 except KeyError:
                     raise self._unknown(stage) from None
-                ctx.stage = stage
                 if slot.watched:
-                    if slot.counting and self._due(slot):
-                        self._dispatch(slot)  # coroutines are due: merge them in
-                    else:
-                        for fn in slot.fns:
-                            try:
-                                fn(ctx)
-                            except BaseException as exc:
-                                self._failed(exc, slot.owners[slot.fns.index(fn)], stage)
-                if not quiet:
+                    self._deliver(slot)
+                if consumer:
                     yield slot.event
-                if ctx._attention:
-                    yield from self._attend(loop, quiet)
         except Exception as exc:
             if exc is not self._annotated and ctx.stage is not None:
-                where = f"the {ctx.phase} step" if ctx._in_batch else "the loop"
+                where = f"the {ctx.phase} step" if ctx.in_batch else "the loop"
                 exc.add_note(
                     f"raised in {where} after {str(ctx.stage)!r} (epoch {ctx.epoch}, batch {ctx.iter})"
                 )
             ctx.exception = exc
+            ctx.stage = Stage.on_exception  # the driver's own stage: the loop has ended
             slot = slots[Stage.on_exception]
-            ctx.stage = Stage.on_exception
             if slot.watched:
                 try:
-                    self._dispatch(slot)
+                    self._deliver(slot)
                 except Exception as nested:
                     exc.add_note(f"and while handling it, on_exception raised {nested!r}")
             escaping = exc
-            if not quiet:
+            if consumer:
                 yield slot.event
             raise
         except BaseException as exc:  # KeyboardInterrupt (abort), GeneratorExit (close)
@@ -258,88 +266,32 @@ class Driver:
             self._close_coroutines()
             self._call_each("teardown", escaping)
 
-    def _attend(self, loop: Loop, quiet: bool) -> Generator[Event, None, None]:
-        """The rare path after an event: deliver the stages handlers emitted
-        (``ctx.emit``), in order, then throw a pending Ctrl-C into the loop and run the
-        stages it yields, until nothing more asks for attention."""
+    def _deliver(self, slot: _Slot) -> None:
+        """Deliver ``slot``'s stage: count it (in runs with coroutines, for ``every``),
+        merge in the coroutines whose filters are due, and run the handlers and waiting
+        coroutines in (weight, position) order; a handler's signal, Ctrl-C or error is
+        handled by :meth:`_failed`."""
+        __tracebackhide__ = True
+        handlers, owners = slot.handlers, slot.owners
+        if slot.counting:
+            slot.count += 1
+            if slot.count >= slot.next_due:
+                handlers, owners = slot.due()
         ctx = self.ctx
-        while ctx._attention:
-            while ctx._emitted:
-                previous = ctx.stage
-                yield from self._deliver(ctx._emitted.pop(0), quiet)
-                ctx.stage = previous
-            stage = self._interrupt(loop)
-            if stage is None:
-                return
-            yield from self._deliver(stage, quiet)
-
-    def _deliver(self, stage: str, quiet: bool) -> Generator[Event, None, None]:
-        """Run ``stage``'s handlers and coroutines, and yield its event unless quiet (what
-        the event loop does inline)."""
-        slot = self.slots.get(stage)
-        if slot is None:
-            raise self._unknown(stage)
-        self.ctx.stage = stage
-        slot.count += 1
-        if slot.watched:
-            self._dispatch(slot)
-        if not quiet:
-            yield slot.event
-
-    def _due(self, slot: _Slot) -> bool:
-        """In a run with coroutines: count this occurrence of the slot's stage; whether a
-        coroutine waits for it or a filter of one is due."""
-        slot.count += 1
-        return bool(slot.waiters) or slot.count >= slot.next_due
+        for handler in handlers:
+            try:
+                handler(ctx)
+            except BaseException as exc:
+                self._failed(exc, owners[handlers.index(handler)], slot.stage)
 
     def _unknown(self, stage: Any) -> ValueError:
         return ValueError(unknown_stage_message(stage, "the step's yields", self.stages))
 
-    def _interrupt(self, loop: Generator[Stage | str, None, None]) -> Stage | str | None:
-        """If Ctrl-C asked for a stop, throw it into the loop at this yield; return the
-        next stage (``on_interrupt``), or None."""
-        ctx = self.ctx
-        ctx._attention = False
-        if not ctx._interrupt_pending:
-            return None
-        ctx._interrupt_pending = False
-        try:
-            return loop.throw(KeyboardInterrupt())
-        except StopIteration:
-            return None
-        except KeyboardInterrupt:
-            if ctx._aborting:
-                raise  # a second Ctrl-C: abort
-            # No scope was left open (the run was at its last event): it simply ends here.
-            ctx._stop_for_interrupt()
-            return None
+    # -- coroutines ----------------------------------------------------------------------------
 
-    # -- dispatch ------------------------------------------------------------------------------
-
-    def _dispatch(self, slot: _Slot) -> None:
-        """Run the stage's handlers with its due coroutines merged in by (weight, position).
-
-        The event loop in :meth:`events` runs class handlers alone itself (the hot path);
-        this serves stages with coroutines due, emitted stages and ``on_exception``.
-        """
-        __tracebackhide__ = True
-        ctx = self.ctx
-        stage = slot.stage
-        order: Iterable[tuple[Any, Any]] = slot.order
-        if slot.count >= slot.next_due:  # filters are due too: merge them in, once each
-            due = dict.fromkeys(slot.waiters)
-            due.update(dict.fromkeys(co for at, co in slot.filters if at <= slot.count))
-            order = [(handler, owner) for _, _, handler, owner in slot.merged(due)]
-        for handler, owner in order:
-            if type(handler) is _Coroutine:
-                self._wake(handler, slot)
-                continue
-            try:
-                handler(ctx)
-            except BaseException as exc:
-                self._failed(exc, owner, stage)
-
-    def _wake(self, co: _Coroutine, slot: _Slot) -> None:
+    def _wake(self, co: _Coroutine, slot: _Slot, ctx: Context) -> None:
+        """Send ``slot``'s event to ``co`` (its waker is one of the slot's handlers) and
+        register it for what it waits for next."""
         __tracebackhide__ = True
         try:
             spec = co.gen.send(slot.event)
@@ -359,7 +311,7 @@ class Driver:
             return
         except KeyboardInterrupt:
             self._unwait(co)
-            self._keyboard_interrupt()
+            self.ctx.signals.keyboard_interrupt()  # a graceful stop, or an abort
             return
         except Exception as exc:
             self._unwait(co)
@@ -423,7 +375,7 @@ class Driver:
         if isinstance(exc, ControlSignal):
             self._apply(exc, owner, stage)
         elif isinstance(exc, KeyboardInterrupt):
-            self._keyboard_interrupt()
+            self.ctx.signals.keyboard_interrupt()  # a graceful stop, or an abort
         elif isinstance(exc, Exception):
             self._annotate(exc, _display(owner), stage)
             raise exc
@@ -436,13 +388,6 @@ class Driver:
         except Exception as exc:
             self._annotate(exc, _display(owner), stage)
             raise exc from None
-
-    def _keyboard_interrupt(self) -> None:
-        """Ctrl-C inside a handler: a graceful stop via the loop, unless it is a second one."""
-        ctx = self.ctx
-        if ctx._aborting:
-            raise KeyboardInterrupt
-        ctx.request_interrupt()
 
     def _annotate(self, exc: BaseException, owner: str, stage: str) -> None:
         if exc is not self._annotated:
@@ -507,47 +452,3 @@ def context_of(events: Iterator[Event]) -> Context | None:
         return _CONTEXTS.get(events)  # type: ignore[call-overload]
     except TypeError:  # not weak-referenceable: not one of ours
         return None
-
-
-def warn_if_interrupted(ctx: Context, call: str, stacklevel: int = 3) -> None:
-    """Warn that a run driven to its end by ``call`` (``fit()``, ``evaluate()``,
-    ``predict()``, ``Stepper.finish()``) was stopped by Ctrl-C, and say what its results
-    cover."""
-    if not ctx.history.interrupted:
-        return
-    if ctx.max_epochs:  # a training run
-        message = (
-            f"{call} was interrupted by Ctrl-C in epoch {ctx.epoch}; returning the history of "
-            f"the {len(ctx.history)} epoch(s) recorded"
-        )
-    else:
-        what = "the predictions" if ctx.phase == "predict" else "the metrics"
-        if not ctx.iter:
-            message = f"{call} was interrupted by Ctrl-C before its first batch: {what} cover no batch"
-        else:
-            # A Ctrl-C inside a batch drops that batch; one during its *_batch_end keeps it.
-            covered = "the batches before it" if ctx.skipped else "the batches up to it"
-            message = f"{call} was interrupted by Ctrl-C at batch {ctx.iter}: {what} cover {covered} only"
-    warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
-
-
-@contextlib.contextmanager
-def graceful_sigint(ctx: Context) -> Iterator[None]:
-    """While inside, a first Ctrl-C asks the loop for a graceful stop at the next event; a
-    second restores the default handler and aborts at once. Main thread only."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def on_sigint(signum: int, frame: Any) -> None:
-        ctx._sigint_count += 1
-        if ctx._aborting:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            raise KeyboardInterrupt
-        ctx.request_interrupt()
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)

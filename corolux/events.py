@@ -97,17 +97,43 @@ class Stage(enum.StrEnum):
                 return self.value[3 : -len(suffix)]
         return ""
 
+    @property
+    def phase(self) -> str | None:
+        """The phase the stage belongs to: ``"train"``, ``"valid"`` or ``"predict"``; None
+        for the fit, epoch and one-off stages.
+
+        >>> Stage.on_valid_batch_after_loss.phase, Stage.on_epoch_end.phase
+        ('valid', None)
+        """
+        return _PHASE_OF[self]
+
+    @property
+    def in_batch(self) -> bool:
+        """True for the stages of a batch: ``on_*_batch_begin``, the step's stages and
+        ``on_*_batch_end``.
+
+        >>> Stage.on_train_batch_end.in_batch, Stage.on_train_end.in_batch
+        (True, False)
+        """
+        return self in _BATCH_STAGES
+
+
+PHASES = ("train", "valid", "predict")
+_PHASE_OF = {s: next((p for p in PHASES if s.startswith(f"on_{p}_")), None) for s in Stage}
+_BATCH_STAGES = frozenset(s for s in Stage if s.startswith(tuple(f"on_{p}_batch_" for p in PHASES)))
 
 #: The stages that are not part of the nesting.
 ONE_OFF_STAGES = frozenset({Stage.on_exception, Stage.on_early_stopping, Stage.on_interrupt})
-#: The stages a train step may yield (plus a trainer's custom stages).
-TRAIN_STEP_STAGES = frozenset(
-    s for s in Stage if s.startswith("on_train_batch_") and not (s.is_begin or s.is_end)
-)
-#: The stages a validation step may yield (plus a trainer's custom stages).
-VALID_STEP_STAGES = frozenset(
-    s for s in Stage if s.startswith("on_valid_batch_") and not (s.is_begin or s.is_end)
-)
+#: Per phase, the stages that open and close it and its batches: (begin, batch_begin, batch_end, end).
+SCOPE_STAGES = {
+    phase: tuple(Stage(f"on_{phase}_{part}") for part in ("begin", "batch_begin", "batch_end", "end"))
+    for phase in PHASES
+}
+#: Per phase, the stages its step may yield (a trainer's custom stages may come too).
+STEP_STAGES = {
+    phase: frozenset(s for s in _BATCH_STAGES if s.phase == phase and not (s.is_begin or s.is_end))
+    for phase in PHASES
+}
 
 
 class Event:

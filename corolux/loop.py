@@ -1,25 +1,37 @@
 """The only code that yields stages: default steps, phases, and begin/end symmetry.
 
 Every generator here yields stage names and nothing else; the driver turns them into
-events and runs the callbacks. Control signals are read from ``ctx`` after each yield.
+events and runs the callbacks. Before each stage the loop writes ``ctx.stage``; after each
+it acts on the control signals: ``ctx.stop_reason``, ``ctx.skipped``,
+``ctx.validation_skipped`` and ``ctx.signals`` (stages emitted by callbacks, Ctrl-C), which
+it checks after every stage, yielded or passed over.
+
+*Passing over*: the stages of a batch named in ``pass_over`` are recorded in ``ctx.stage``
+and not yielded. ``fit()``, which has no consumer, passes over the batch stages that no
+handler listens to, so they cost nothing; since the signals are checked after them as after
+any other stage, handlers see the same run under ``fit()`` as under ``run()``, and only a
+consumer could tell the difference (the grammar property tests drive both).
+
 A consumer's ``close()`` arrives as ``GeneratorExit`` at a yield: nothing here catches it,
 so cleanup runs (``with`` blocks, ``finally``) and nothing more is yielded.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Generator, Iterable, Mapping
+from collections.abc import Callable, Collection, Container, Generator, Iterable, Mapping
 from typing import Any
 
 import torch
 
-from corolux.context import Context
+from corolux.context import Context, loss_problem
 from corolux.data import default_unpack, length, to_device
-from corolux.events import Stage
+from corolux.events import SCOPE_STAGES, Stage
 
 __all__ = [
+    "compute_loss",
     "evaluate_loop",
     "fit_loop",
+    "forward",
     "predict_loop",
     "predict_step",
     "train_step",
@@ -51,7 +63,7 @@ def forward(ctx: Context) -> Any:
     ``model(**x)`` for a dict; under autocast when the precision asks for it."""
     x = ctx.input
     model = ctx.model
-    autocast = ctx.autocast
+    autocast = ctx.precision.autocast
     if autocast is None:
         if type(x) is _Tensor:
             return model(x)
@@ -72,16 +84,18 @@ def compute_loss(ctx: Context) -> torch.Tensor:
     """``loss_fn(pred, target)``, or the loss the output carries (``out.loss``,
     ``out["loss"]``) when ``loss_fn`` is None."""
     loss_fn = ctx.loss_fn
+    autocast = ctx.precision.autocast
     if loss_fn is None:
         loss = _carried_loss(ctx.pred)
-    elif ctx.autocast is None:
+    elif autocast is None:
         loss = loss_fn(ctx.pred, ctx.target)
     else:
-        with ctx.autocast():
+        with autocast():
             loss = loss_fn(ctx.pred, ctx.target)
-    if ctx._check_loss:
-        _check_scalar(loss)
-        ctx._check_loss = False
+    if ctx.iter == 1:  # what the loss function returns, checked on each phase's first batch
+        problem = loss_problem(loss)
+        if problem is not None:
+            raise ValueError(problem)
     return loss
 
 
@@ -96,15 +110,6 @@ def _carried_loss(pred: Any) -> Any:
             "without one; pass Trainer(loss_fn=...)"
         )
     return loss
-
-
-def _check_scalar(loss: Any) -> None:
-    if not isinstance(loss, _Tensor) or loss.ndim != 0:
-        shape = tuple(loss.shape) if isinstance(loss, _Tensor) else type(loss).__name__
-        raise ValueError(
-            f"the loss must be a scalar tensor, got {shape}; reduce it (e.g. "
-            "reduction='mean' in the loss function, or .mean())"
-        )
 
 
 def train_step(ctx: Context) -> Generator[Stage, None, None]:
@@ -154,7 +159,7 @@ def predict_step(ctx: Context) -> Generator[Stage, None, None]:
 # Every scope below has the same shape, so that every begin gets its end:
 #
 #     try:
-#         yield BEGIN
+#         yield BEGIN                          # then: if signals.pending: yield from _attend(ctx)
 #         ...body...
 #     except KeyboardInterrupt as exc:
 #         yield from _interrupt(ctx, exc)      # on_interrupt, or re-raise to abort
@@ -163,16 +168,54 @@ def predict_step(ctx: Context) -> Generator[Stage, None, None]:
 # Ordinary exceptions and GeneratorExit pass through without yielding. The scopes are
 # written out in two generators (fit_loop: fit + epoch; _phase: phase + batch) rather than
 # nested through a helper: each level of ``yield from`` costs every event of the batch loop
-# a frame resume, and these events are the hot path.
+# a frame resume, and these events are the hot path. Stages outside the batch loop go
+# through _at (one frame more, once per phase or epoch).
 
 
-def _interrupt(ctx: Context, exc: KeyboardInterrupt) -> Generator[Stage, None, None]:
-    """Turn a first Ctrl-C into a graceful stop and yield ``on_interrupt``; re-raise a second
-    one (abort)."""
-    if ctx._aborting:
-        raise exc
-    ctx._stop_for_interrupt()
-    yield Stage.on_interrupt
+def _at(ctx: Context, stage: Stage) -> Loop:
+    """Yield ``stage``, then act on what it raised (emitted stages, Ctrl-C)."""
+    ctx.stage = stage
+    yield stage
+    if ctx.signals.pending:
+        yield from _attend(ctx)
+
+
+def _attend(ctx: Context) -> Loop:
+    """After a stage: yield the stages callbacks emitted, in order; then, if Ctrl-C asked
+    for a stop, raise ``KeyboardInterrupt`` here, inside the open scope."""
+    signals = ctx.signals
+    at = ctx.stage
+    stage = signals.next_emitted()
+    while stage is not None:
+        ctx.stage = stage
+        yield stage
+        stage = signals.next_emitted()
+    ctx.stage = at
+    if signals.take_interrupt():
+        raise KeyboardInterrupt
+
+
+def _interrupt(ctx: Context, exc: KeyboardInterrupt) -> Loop:
+    """Turn a first Ctrl-C into a graceful stop and yield ``on_interrupt``; re-raise a
+    Ctrl-C that aborts."""
+    _stop_for_interrupt(ctx, exc)
+    yield from _at(ctx, Stage.on_interrupt)
+
+
+def _stop_for_interrupt(ctx: Context, exc: KeyboardInterrupt) -> None:
+    ctx.signals.begin_stop(exc)  # re-raises exc when this Ctrl-C aborts
+    ctx.history.interrupted = True
+    ctx.stop_training("interrupted")
+
+
+def _after_last(ctx: Context) -> Loop:
+    """After the run's last stage no scope is open: deliver what was emitted; a Ctrl-C
+    simply ends the run there (marked interrupted)."""
+    try:
+        yield from _attend(ctx)
+    except KeyboardInterrupt as exc:
+        _stop_for_interrupt(ctx, exc)
+        ctx.history.stop_reason = ctx.stop_reason
 
 
 def _phase(
@@ -181,36 +224,33 @@ def _phase(
     data: Iterable[Any],
     step: Step,
     allowed: Collection[str] | None,
+    pass_over: Container[str],
+    last: bool = False,
 ) -> Loop:
     """One pass over ``data``: ``on_<phase>_begin``, a step per batch between
     ``on_<phase>_batch_begin`` and ``_end``, then ``on_<phase>_end``.
 
-    ``allowed`` checks a custom step's stages (None for the built-in steps). Inside a
-    batch, a stage in ``ctx._silent`` (under ``fit()``, one that no callback watches) is
-    recorded in ``ctx.stage`` instead of yielded, since the yield would reach nobody;
-    unless the driver's attention is wanted (``ctx.emit``, Ctrl-C): then it is yielded, so
-    the driver acts at the same point as when every stage is yielded.
+    ``allowed`` checks a custom step's stages (None for the built-in steps); ``pass_over``
+    is described in the module docstring; ``last`` says ``on_<phase>_end`` is the run's
+    last stage (evaluate, predict).
     """
-    begin, batch_begin, batch_end, end = _PHASE_STAGES[phase]
+    begin, batch_begin, batch_end, end = SCOPE_STAGES[phase]
     training = phase == "train"
-    ctx.phase = phase
-    ctx.training = training
+    ctx.begin_phase(phase, data, length(data))
     ctx.model.train(training)
-    ctx.data = data
-    ctx.num_batches = length(data)
-    ctx.iter = 0
-    ctx._check_loss = True
     outputs: list[Any] | None = [] if phase == "predict" else None
     # A custom step's stages, each mapped to itself (a built-in one to its Stage member).
     checked = None if allowed is None else {str(stage): stage for stage in allowed}
     unpack = ctx.unpack
-    default_pairs = unpack is default_unpack
+    pairs = unpack is default_unpack
     device = ctx.device
     move = device.type != "cpu"  # on the CPU a batch is used as it comes
-    silent = ctx._silent
+    signals = ctx.signals
+    yield_begin = batch_begin not in pass_over
+    yield_end = batch_end not in pass_over
     exhausted = False
     try:
-        yield begin
+        yield from _at(ctx, begin)
         iterator = iter(data)
         # A hand-written loop's order of work: the next batch is requested only after this
         # one's *_batch_end handlers ran (data may depend on the model, and a dataset's RNG
@@ -225,23 +265,18 @@ def _phase(
                 break
             if move:
                 batch = to_device(batch, device)
-            ctx.iter += 1
-            ctx.is_last_batch = ctx.iter == ctx.num_batches
-            ctx.batch = batch
-            if default_pairs and type(batch) is tuple and len(batch) == 2:
-                ctx.input, ctx.target = batch  # the common layout, without a call
+            if pairs and type(batch) is tuple and len(batch) == 2:
+                x, y = batch  # the common layout, without a call
             else:
-                ctx.input, ctx.target = unpack(batch)
-            ctx.pred = ctx.loss = None  # drop the last batch's graph before this forward
-            ctx.skipped = False
-            ctx._in_batch = True
-            ctx._batch_backward = False
+                x, y = unpack(batch)
+            ctx.begin_batch(batch, x, y)
             stages = None
             try:
-                if batch_begin in silent and not ctx._attention:
-                    ctx.stage = batch_begin
-                else:
+                ctx.stage = batch_begin
+                if yield_begin:
                     yield batch_begin
+                if signals.pending:
+                    yield from _attend(ctx)
                 if not ctx.skipped:
                     stages = step(ctx)
                     if checked is not None and not isinstance(stages, Generator):
@@ -252,7 +287,7 @@ def _phase(
                             if known is None:
                                 raise _bad_step_stage(stage, batch_begin, checked)
                             stage = known
-                        if stage is TRAIN_AFTER_STEP:  # ctx.step counts here only
+                        if stage is TRAIN_AFTER_STEP:  # ctx.step counts here (and in _step_open_window)
                             ctx.step += 1
                             if (
                                 ctx.max_steps is not None
@@ -260,10 +295,11 @@ def _phase(
                                 and not ctx.is_last_batch
                             ):
                                 ctx.stop_training("max_steps")  # on the last batch: after the epoch
-                        if stage in silent and not ctx._attention:
-                            ctx.stage = stage
-                        else:
+                        ctx.stage = stage
+                        if stage not in pass_over:
                             yield stage
+                        if signals.pending:
+                            yield from _attend(ctx)
                         if ctx.skipped:
                             stages.close()
                             break
@@ -272,20 +308,21 @@ def _phase(
                 if stages is not None:
                     stages.close()  # the step's own cleanup (with blocks) runs before on_interrupt
                 yield from _interrupt(ctx, exc)
-            ctx._in_batch = False
-            if ctx.skipped and ctx._batch_backward:
-                ctx.zero_grad()  # this batch's gradients must not reach the next step
-            if ctx._scaler_stepped:  # once per batch, after every optimizer has stepped
-                ctx.scaler.update()
-                ctx._scaler_stepped = False
+            ctx.end_batch()
             try:
-                yield batch_end
+                ctx.stage = batch_end
+                if yield_end:
+                    yield batch_end
+                if signals.pending:
+                    yield from _attend(ctx)
             finally:  # also when a Ctrl-C during *_batch_end ends the phase: this batch is done
                 if outputs is not None and not ctx.skipped:
                     outputs.append(ctx.pred)
+        ctx.end_batches()
         if exhausted and training and ctx.accumulate_steps > 1 and ctx.gradients_pending:
             yield from _step_open_window(ctx)
     except KeyboardInterrupt as exc:
+        ctx.end_batches()
         yield from _interrupt(ctx, exc)
     if outputs:
         try:
@@ -294,7 +331,10 @@ def _phase(
             yield from _interrupt(ctx, exc)
     if training:
         ctx.zero_grad()  # an accumulation window cut short (stop, Ctrl-C) leaks into nothing
+    ctx.stage = end
     yield end
+    if last and signals.pending:
+        yield from _after_last(ctx)
 
 
 def _step_open_window(ctx: Context) -> Loop:
@@ -304,19 +344,11 @@ def _step_open_window(ctx: Context) -> Loop:
     per optimizer, with ``ctx.in_batch`` false."""
     for name, opt in ctx.optimizers.items():
         ctx.opt_name, ctx.opt = name, opt
-        yield TRAIN_BEFORE_STEP
+        yield from _at(ctx, TRAIN_BEFORE_STEP)
         ctx.step_optimizer(opt)
-        ctx.step += 1  # the epoch's end: max_steps is checked after the epoch
-        yield TRAIN_AFTER_STEP
-    if ctx._scaler_stepped:
-        ctx.scaler.update()
-        ctx._scaler_stepped = False
-
-
-_PHASE_STAGES = {
-    phase: tuple(Stage(f"on_{phase}_{part}") for part in ("begin", "batch_begin", "batch_end", "end"))
-    for phase in ("train", "valid", "predict")
-}
+        ctx.step += 1  # at the epoch's end: max_steps is checked after the epoch
+        yield from _at(ctx, TRAIN_AFTER_STEP)
+    ctx.precision.update()
 
 
 def _not_a_generator(step: Step, returned: Any) -> TypeError:
@@ -341,47 +373,74 @@ def _bad_step_stage(stage: Any, begin: Stage, allowed: Collection[str]) -> Value
 # -- runs --------------------------------------------------------------------------------------
 
 
-def fit_loop(ctx: Context, train: Step, valid: Step, allowed: Mapping[str, Collection[str] | None]) -> Loop:
+def fit_loop(
+    ctx: Context,
+    train: Step,
+    valid: Step,
+    allowed: Mapping[str, Collection[str] | None],
+    pass_over: Container[str] = frozenset(),
+) -> Loop:
     """The whole training run: ``on_fit_begin``, the epochs, ``on_fit_end``.
 
     Epochs run from ``ctx.completed_epochs + 1`` to ``ctx.max_epochs``; an epoch counts as
     completed when no stop was given before its ``on_epoch_end``.
     """
+    history = ctx.history
+    signals = ctx.signals
     try:
-        yield Stage.on_fit_begin
+        yield from _at(ctx, Stage.on_fit_begin)
         for epoch in range(ctx.completed_epochs + 1, ctx.max_epochs + 1):
             if ctx.stop_reason is not None:
                 break
-            ctx.epoch = epoch
-            ctx.metrics = {}
-            ctx._skip_validation = False
+            ctx.begin_epoch(epoch)
             try:
-                yield Stage.on_epoch_begin
-                yield from _phase(ctx, "train", ctx.train_data, train, allowed["train"])
-                if ctx.valid_data is not None and ctx.stop_reason is None and not ctx._skip_validation:
-                    yield from _phase(ctx, "valid", ctx.valid_data, valid, allowed["valid"])
+                yield from _at(ctx, Stage.on_epoch_begin)
+                yield from _phase(ctx, "train", ctx.train_data, train, allowed["train"], pass_over)
+                if signals.pending:
+                    yield from _attend(ctx)
+                if ctx.valid_data is not None and ctx.stop_reason is None and not ctx.validation_skipped:
+                    yield from _phase(ctx, "valid", ctx.valid_data, valid, allowed["valid"], pass_over)
+                    if signals.pending:
+                        yield from _attend(ctx)
                 if ctx.stop_reason is None:
                     ctx.completed_epochs += 1
-                    if ctx.max_steps is not None and ctx.step >= ctx.max_steps:
+                    history.completed_epochs = ctx.completed_epochs
+                    if ctx.max_steps is not None and ctx.step >= ctx.max_steps and epoch < ctx.max_epochs:
                         ctx.stop_training("max_steps")  # reached on the epoch's last batch
             except KeyboardInterrupt as exc:
                 yield from _interrupt(ctx, exc)
-            yield Stage.on_epoch_end
+            yield from _at(ctx, Stage.on_epoch_end)
     except KeyboardInterrupt as exc:
         yield from _interrupt(ctx, exc)
+    history.stop_reason = ctx.stop_reason
+    ctx.stage = Stage.on_fit_end
     yield Stage.on_fit_end
+    if signals.pending:
+        yield from _after_last(ctx)
 
 
-def evaluate_loop(ctx: Context, data: Iterable[Any], valid: Step, allowed: Collection[str] | None) -> Loop:
+def evaluate_loop(
+    ctx: Context,
+    data: Iterable[Any],
+    valid: Step,
+    allowed: Collection[str] | None,
+    pass_over: Container[str] = frozenset(),
+) -> Loop:
     """One validation pass: ``on_valid_begin`` .. ``on_valid_end``."""
     ctx.metrics = {}
-    return _phase(ctx, "valid", data, valid, allowed)
+    return _phase(ctx, "valid", data, valid, allowed, pass_over, last=True)
 
 
-def predict_loop(ctx: Context, data: Iterable[Any], predict: Step, allowed: Collection[str] | None) -> Loop:
+def predict_loop(
+    ctx: Context,
+    data: Iterable[Any],
+    predict: Step,
+    allowed: Collection[str] | None,
+    pass_over: Container[str] = frozenset(),
+) -> Loop:
     """One prediction pass: ``on_predict_begin`` .. ``on_predict_end``; the outputs are
     concatenated into ``ctx.predictions`` before ``on_predict_end``."""
-    return _phase(ctx, "predict", data, predict, allowed)
+    return _phase(ctx, "predict", data, predict, allowed, pass_over, last=True)
 
 
 def concat(outputs: list[Any]) -> Any:

@@ -27,13 +27,14 @@ from corolux.arguments import (
 from corolux.callbacks import MetricsTracker, ProgressBar
 from corolux.callbacks.progress import attached_to_terminal
 from corolux.context import Context
+from corolux.control import graceful_sigint, warn_if_interrupted
 from corolux.data import default_unpack, resolve_data, split_validation
 from corolux.distributed import is_main_process
-from corolux.driver import Driver, graceful_sigint, warn_if_interrupted
-from corolux.events import TRAIN_STEP_STAGES, VALID_STEP_STAGES, Event, Stage
+from corolux.driver import Driver, MakeLoop
+from corolux.events import STEP_STAGES, Event, Stage
 from corolux.history import History
 from corolux.metrics import metric_name
-from corolux.precision import autocast_factory, make_scaler
+from corolux.precision import Precision
 
 __all__ = ["Trainer", "fit"]
 
@@ -118,9 +119,9 @@ class Trainer:
         self.model = model.to(self.device)
         self.loss_fn = loss_fn
         self.optimizers = resolve_optimizers(optimizer, self.model)
-        self.precision = str(precision)
-        self._autocast = autocast_factory(self.precision, self.device)
-        self.scaler = make_scaler(self.precision, self.device)
+        #: The precision of the steps: autocast, and the GradScaler of "16-mixed".
+        self.precision = Precision(precision, self.device)
+        self.scaler = self.precision.scaler
         self.metrics = check_metrics(metrics, "metrics")
         self.train_metrics = self.metrics + check_metrics(train_metrics, "train_metrics")
         self.valid_metrics = self.metrics + check_metrics(valid_metrics, "valid_metrics")
@@ -175,10 +176,7 @@ class Trainer:
         step, custom = self._steps[phase]
         if not custom:
             return None
-        inner = {"train": TRAIN_STEP_STAGES, "valid": VALID_STEP_STAGES}.get(
-            phase, frozenset({Stage.on_predict_batch_after_pred})
-        )
-        return frozenset(inner) | frozenset(self.stages)
+        return STEP_STAGES[phase] | frozenset(self.stages)
 
     # -- runs ----------------------------------------------------------------------------------
 
@@ -286,7 +284,7 @@ class Trainer:
         callbacks: Sequence[Any] | None,
         batch_size: int | None,
         max_steps: int | None,
-    ) -> tuple[Driver, Callable[[], loop.Loop]]:
+    ) -> tuple[Driver, MakeLoop]:
         self._check_idle()
         if not self.optimizers and not self._steps["train"][1]:
             raise ValueError(
@@ -307,7 +305,7 @@ class Trainer:
                 batch_size=batch_size,
                 device=self.device,
             )
-        ctx = self._context()
+        ctx = self._context("fit")
         ctx.min_epochs, ctx.max_epochs, ctx.max_steps = min_epochs, max_epochs, max_steps
         ctx.train_data = resolve_data(
             train_data,
@@ -331,7 +329,7 @@ class Trainer:
         self.history = ctx.history
         train, valid = self._steps["train"][0], self._steps["valid"][0]
         allowed = {"train": self._allowed("train"), "valid": self._allowed("valid")}
-        return driver, lambda: loop.fit_loop(ctx, train, valid, allowed)
+        return driver, lambda pass_over: loop.fit_loop(ctx, train, valid, allowed, pass_over)
 
     def _prepare_evaluate(
         self,
@@ -339,9 +337,9 @@ class Trainer:
         callbacks: Sequence[Any] | None,
         metrics: Sequence[Any] | None,
         batch_size: int | None,
-    ) -> tuple[Driver, Callable[[], loop.Loop]]:
+    ) -> tuple[Driver, MakeLoop]:
         self._check_idle()
-        ctx = self._context()
+        ctx = self._context("evaluate")
         ctx.valid_data = resolve_data(
             data, name="data", batch_size=batch_size, shuffle=False, device=self.device
         )
@@ -349,40 +347,34 @@ class Trainer:
         defaults = [MetricsTracker((), valid_metrics), ProgressBar()]
         driver = Driver(ctx, self._callbacks(defaults, callbacks), self.all_stages)
         step, allowed = self._steps["valid"][0], self._allowed("valid")
-        return driver, lambda: loop.evaluate_loop(ctx, ctx.valid_data, step, allowed)
+        return driver, lambda pass_over: loop.evaluate_loop(ctx, ctx.valid_data, step, allowed, pass_over)
 
     def _prepare_predict(
         self, data: Any, callbacks: Sequence[Any] | None, batch_size: int | None
-    ) -> tuple[Driver, Callable[[], loop.Loop]]:
+    ) -> tuple[Driver, MakeLoop]:
         self._check_idle()
-        ctx = self._context()
+        ctx = self._context("predict")
         ctx.data = resolve_data(data, name="data", batch_size=batch_size, shuffle=False, device=self.device)
         driver = Driver(ctx, self._callbacks([ProgressBar()], callbacks), self.all_stages)
         step, allowed = self._steps["predict"][0], self._allowed("predict")
         data = ctx.data
-        return driver, lambda: loop.predict_loop(ctx, data, step, allowed)
+        return driver, lambda pass_over: loop.predict_loop(ctx, data, step, allowed, pass_over)
 
-    def _context(self) -> Context:
+    def _context(self, kind: str) -> Context:
         if self.seed is not None:
             seed_everything(self.seed)
-        ctx = Context(
+        return Context(
             model=self.model,
             optimizers=self.optimizers,
             loss_fn=self.loss_fn,
             device=self.device,
-            scaler=self.scaler,
+            precision=self.precision,
+            kind=kind,
             hparams=self.hparams,
             is_main_process=is_main_process(),
             stages=self.all_stages,
             unpack=self.unpack,
         )
-        ctx.autocast = self._autocast
-        if len(self.optimizers) > 1:
-            ctx._params = {
-                id(opt): [p for group in opt.param_groups for p in group["params"] if p.requires_grad]
-                for opt in self.optimizers.values()
-            }
-        return ctx
 
     def _callbacks(self, defaults: list[Any], callbacks: Sequence[Any] | None) -> list[Any]:
         """The defaults (minus those a user callback of the same class replaces) + user's."""
@@ -405,23 +397,37 @@ class Trainer:
     # -- driving -------------------------------------------------------------------------------
 
     def _check_idle(self) -> None:
+        """A run that was created but never started is discarded (closed); a started one
+        that is still open is an error naming how to close it."""
         gen: Any = self._open_run() if self._open_run is not None else None
-        if gen is not None and gen.gi_frame is not None:
-            raise RuntimeError(
-                "this trainer already has an open run; finish it (iterate to the end) or close "
-                "it (gen.close(), or break out of its for loop) before starting another"
-            )
+        if gen is None or gen.gi_frame is None:
+            return
+        if inspect.getgeneratorstate(gen) == inspect.GEN_CREATED:
+            gen.close()  # never started: nothing ran, nothing to clean up
+            return
+        raise RuntimeError(
+            "this trainer already has an open run (started, not finished): finish it, or close it "
+            "with trainer.close_run() (for a stepper, s.close()) before starting another"
+        )
+
+    def close_run(self) -> None:
+        """Close this trainer's open run, if any, as ``gen.close()`` would: nothing more is
+        yielded, cleanup runs (teardown, progress bars, files). A no-op without one."""
+        gen: Any = self._open_run() if self._open_run is not None else None
+        self._open_run = None
+        if gen is not None:
+            gen.close()
 
     def _start(
-        self, driver: Driver, make_loop: Callable[[], loop.Loop], *, quiet: bool = False
+        self, driver: Driver, make_loop: MakeLoop, *, consumer: bool = True
     ) -> Generator[Event, None, None]:
-        gen = driver.start(make_loop, quiet=quiet)
+        gen = driver.start(make_loop, consumer=consumer)
         self._open_run = weakref.ref(gen)
         return gen
 
-    def _drive(self, driver: Driver, make_loop: Callable[[], loop.Loop]) -> None:
-        gen = self._start(driver, make_loop, quiet=True)  # no consumer: no per-event suspension
-        with graceful_sigint(driver.ctx):
+    def _drive(self, driver: Driver, make_loop: MakeLoop) -> None:
+        gen = self._start(driver, make_loop, consumer=False)  # no per-event suspension
+        with graceful_sigint(driver.ctx.signals):
             deque(gen, maxlen=0)
 
     def stepper(self, *args: Any, **kwargs: Any) -> Any:
@@ -433,7 +439,7 @@ class Trainer:
     def __repr__(self) -> str:
         return (
             f"Trainer({type(self.model).__name__}, device={str(self.device)!r}, "
-            f"optimizers={list(self.optimizers)}, precision={self.precision!r})"
+            f"optimizers={list(self.optimizers)}, precision={self.precision.name!r})"
         )
 
 

@@ -476,3 +476,126 @@ def replicate(
 
 def weighted_mean(values: list[tuple[float, int]]) -> float:
     return sum(v * n for v, n in values) / sum(n for _, n in values)
+
+
+# -- the same run under fit() and run() ------------------------------------------------------------
+
+#: What the step itself may do at a loss computation (inside the batch, between two stages
+#: that fit() may pass over): what Ctrl-C's handler does, a Ctrl-C raised there, an emit.
+STEP_ACTIONS = ("none", "request_interrupt", "keyboard_interrupt", "emit")
+
+
+@dataclass(frozen=True)
+class Sparse:
+    """Which stages the observing callbacks listen to, and what the step does at its n-th loss."""
+
+    listened: frozenset[str]
+    step_action: str
+    step_call: int
+    coroutine: bool  # observe with a coroutine (the driver then counts and never passes over)
+
+
+def sparse_setups() -> st.SearchStrategy[Sparse]:
+    return st.builds(
+        Sparse,
+        listened=st.frozensets(st.sampled_from(FIT_STAGES), max_size=6),
+        step_action=st.sampled_from(STEP_ACTIONS),
+        step_call=st.integers(1, 12),
+        coroutine=st.booleans(),
+    )
+
+
+@dataclass
+class Outcome:
+    """What the callbacks of one run saw, and how the run ended."""
+
+    seen: list[tuple[Any, ...]] = field(default_factory=list)
+    outcome: str = "returned"
+    weights: list[torch.Tensor] = field(default_factory=list)
+    history: str = ""
+
+
+def _observe(seen: list[tuple[Any, ...]], stage: str, ctx: Any) -> None:
+    seen.append((stage, ctx.epoch, ctx.iter, ctx.step, ctx.skipped, ctx.stop_reason, ctx.in_batch))
+
+
+def execute_sparse(config: RunConfig, plan: list[Action], sparse: Sparse, drive: str) -> Outcome:
+    """Run ``plan`` (class actions only) with callbacks that listen to ``sparse.listened``
+    (plus the stages of the plan and the one-offs), driven by ``fit()`` or by a ``for`` loop
+    over ``run()``; record what the callbacks saw."""
+    out = Outcome()
+    rec = Recording()
+    trainer = make_trainer(config.seed)
+    train, valid = config.data()
+    mine = [a for a in plan if a.source == "class"]
+    counts: Counter[str] = Counter()
+    live: dict[str, Any] = {}
+
+    def handler(stage: str) -> Any:
+        def on_stage(self: Any, ctx: Any) -> None:
+            _observe(out.seen, stage, ctx)
+            counts[stage] += 1
+            for action in mine:
+                if action.stage == stage and action.occurrence == counts[stage]:
+                    _perform(action, ctx, rec)
+
+        return on_stage
+
+    stages = sparse.listened | {a.stage for a in mine}
+    observed = stages | set(ONE_OFF)
+    callbacks: list[Any] = [
+        corolux.callback(
+            "chaos",
+            setup=lambda self, ctx: live.setdefault("ctx", ctx),
+            **{stage: handler(stage) for stage in sorted(stages)},
+        )(),
+        corolux.callback(
+            "one_offs", **{s: (lambda self, ctx, s=s: _observe(out.seen, s, ctx)) for s in ONE_OFF}
+        )(),
+    ]
+    if sparse.coroutine:
+        callbacks.append(_sparse_coroutine(sorted(observed - stages - set(ONE_OFF)), out.seen))
+    loss_calls = [0]
+
+    def loss_fn(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = torch.nn.functional.mse_loss(pred, target)
+        loss_calls[0] += 1
+        if loss_calls[0] == sparse.step_call:
+            ctx = live["ctx"]
+            if sparse.step_action == "request_interrupt":
+                ctx.request_interrupt()
+            elif sparse.step_action == "keyboard_interrupt":
+                raise KeyboardInterrupt
+            elif sparse.step_action == "emit":
+                ctx.emit("on_early_stopping")
+        return loss
+
+    trainer.loss_fn = loss_fn
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            if drive == "fit":
+                trainer.fit(train, epochs=config.epochs, valid_data=valid, callbacks=callbacks)
+            else:
+                for _ in trainer.run(train, epochs=config.epochs, valid_data=valid, callbacks=callbacks):
+                    pass
+        except Exception as exc:  # noqa: BLE001 - the outcome is compared
+            out.outcome = f"{type(exc).__name__}: {exc}"
+    out.weights = params_of(trainer.model)
+    out.history = repr(
+        (
+            trainer.history.to_dict(),
+            trainer.history.interrupted,
+            getattr(trainer.history, "stop_reason", None),
+        )
+    )
+    return out
+
+
+@corolux.coroutine(weight=0.5)
+def _sparse_coroutine(stages: list[str], seen: list[tuple[Any, ...]]):  # type: ignore[no-untyped-def]
+    """Observes ``stages`` (and an every-2 filter on train batch ends) as a coroutine."""
+    waits = [*stages, corolux.every("on_train_batch_end", 2)]
+    while True:
+        event = yield waits
+        _observe(seen, f"co:{event.stage}", event.ctx)

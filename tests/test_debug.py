@@ -499,7 +499,7 @@ class Waiter(corolux.Callback):
         if ctx.epoch == 1 and ctx.iter == 2:
             print("WAITING" + " FOR CTRL-C", flush=True)
             deadline = time.monotonic() + 20
-            while not ctx._interrupt_pending and time.monotonic() < deadline:
+            while not ctx.signals.pending and time.monotonic() < deadline:
                 time.sleep(0.01)
 """
 

@@ -480,9 +480,11 @@ def test_a_step_error_names_the_stage_it_followed_in_fit_as_in_run() -> None:
                 for _ in trainer.run(data(), epochs=1):
                     pass
         notes.append([n for n in info.value.__notes__ if n.startswith("raised in")])
-    assert notes[0] == notes[1] == [
-        "raised in the train step after 'on_train_batch_after_pred' (epoch 1, batch 1)"
-    ]
+    assert (
+        notes[0]
+        == notes[1]
+        == ["raised in the train step after 'on_train_batch_after_pred' (epoch 1, batch 1)"]
+    )
 
 
 def test_factory_callback_error_note_names_the_factory_class() -> None:

@@ -25,12 +25,15 @@ from strategies import (
     RunConfig,
     check_structure,
     execute,
+    execute_sparse,
     keyboard_interrupt_must_not_escape,
     make_batches,
     make_trainer,
     plans,
     run_configs,
+    same_params,
     scopes,
+    sparse_setups,
 )
 
 import corolux
@@ -398,3 +401,26 @@ def test_keyboard_interrupt_in_the_last_handler_does_not_escape() -> None:
         for event in trainer.run(make_batches(2, 2), epochs=1, callbacks=[CtrlC()]):
             stream.append(str(event.stage))
     check_structure(stream, complete=True)
+
+
+# -- fit() and run() deliver the same run --------------------------------------------------------
+
+
+@SETTINGS
+@given(
+    config=run_configs(),
+    plan=plans(kinds=(*SIGNALS, "keyboard_interrupt", "error"), sources=("class",)),
+    sparse=sparse_setups(),
+)
+def test_fit_and_run_deliver_the_same_run_to_callbacks(
+    config: RunConfig, plan: list[Any], sparse: Any
+) -> None:
+    # Under fit() the loop passes over the batch stages no callback listens to; handlers
+    # must not be able to tell: same events, same ctx at each, same weights and history.
+    with keyboard_interrupt_must_not_escape():
+        under_run = execute_sparse(config, plan, sparse, "run")
+        under_fit = execute_sparse(config, plan, sparse, "fit")
+    assert under_fit.seen == under_run.seen
+    assert under_fit.outcome == under_run.outcome
+    assert same_params(under_fit.weights, under_run.weights)
+    assert under_fit.history == under_run.history

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import types
+import warnings
 
 import pytest
 import torch
@@ -223,7 +224,11 @@ def test_device_default_is_auto():
 def test_precision_trains_on_cpu(precision):
     torch.manual_seed(0)
     model = mlp(4, 3, 32)
-    trainer = make_trainer(model, precision=precision, optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = make_trainer(model, precision=precision, optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
+    cpu_warnings = [w for w in caught if "bf16-mixed is the CPU's mixed precision" in str(w.message)]
+    assert len(cpu_warnings) == (1 if precision == "16-mixed" else 0)
     scalers = []
     history = trainer.fit(
         iris(),

@@ -49,28 +49,18 @@ class Breakpoint(Callback):
     stage: str
     when: Callable[[Context], Any] | None
 
-    def __new__(cls, stage: str, when: Callable[[Context], Any] | None = None) -> Breakpoint:
-        # The driver dispatches to the on_<stage> methods a class defines, so each stage gets
-        # a subclass (built once) whose method of that name calls _pause.
-        name = _check_stage(stage)
+    def __init__(self, stage: str, when: Callable[[Context], Any] | None = None) -> None:
+        self.stage = _check_stage(stage)
         if when is not None and not callable(when):
             raise TypeError(f"Breakpoint(when=...) takes a predicate fn(ctx) -> bool, got {when!r}")
-        if "_stage" in cls.__dict__:  # already a stage's subclass
-            return super().__new__(cls)
-        key = (cls, name)
-        sub = _SUBCLASSES.get(key)
-        if sub is None:
-            namespace: dict[str, Any] = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
-            namespace["_stage"] = name
-            namespace[name] = _handler(name)
-            sub = _SUBCLASSES[key] = type(cls.__name__, (cls,), namespace)
-        return super().__new__(sub)
-
-    def __init__(self, stage: str, when: Callable[[Context], Any] | None = None) -> None:
-        self.stage = str(stage)
         self.when = when
         #: How many times it stopped.
         self.hits = 0
+        setattr(self, self.stage, self._check)  # the handler of that one stage
+
+    def _check(self, ctx: Context) -> None:
+        if self.when is None or self.when(ctx):
+            self._pause(ctx)
 
     def _pause(self, ctx: Context) -> None:
         """Enter the debugger in this frame: ``ctx`` is a local variable here."""
@@ -85,29 +75,10 @@ class Breakpoint(Callback):
         breakpoint()  # paused by corolux.callbacks.Breakpoint: `ctx` is the live context
         return  # paused by corolux.callbacks.Breakpoint: `ctx` is the live context; `c` resumes
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        # copy/pickle rebuild through __new__, which needs the stage.
-        cls = type(self)
-        base = cls.__bases__[0] if "_stage" in cls.__dict__ else cls
-        return (base, (self.stage, self.when), self.__dict__)
-
     def __repr__(self) -> str:
         name = getattr(self.when, "__name__", None) or repr(self.when)
         when = "" if self.when is None else f", when={name}"
         return f"Breakpoint({self.stage!r}{when})"
-
-
-_SUBCLASSES: dict[tuple[type, str], type] = {}
-
-
-def _handler(stage: str) -> Callable[[Breakpoint, Context], None]:
-    def handler(self: Breakpoint, ctx: Context) -> None:
-        if self.when is None or self.when(ctx):
-            self._pause(ctx)
-
-    handler.__name__ = stage
-    handler.__qualname__ = f"Breakpoint.{stage}"
-    return handler
 
 
 def _check_stage(stage: Any) -> str:

@@ -13,7 +13,7 @@ import torch
 from sklearn.datasets import load_iris
 
 import corolux
-from corolux.callback import listened_stages
+from corolux.callback import handlers_of
 from corolux.callbacks import DEFAULTS, Breakpoint
 
 F = torch.nn.functional
@@ -136,18 +136,32 @@ def test_bad_types():
         Breakpoint("on_epoch_end", when=True)
 
 
-def test_is_a_callback_listening_to_its_stage_only():
+def test_is_a_plain_callback_listening_to_its_stage_only():
     a = Breakpoint("on_train_batch_after_loss")
     b = Breakpoint(corolux.Stage.on_epoch_end, when=lambda ctx: True)
-    assert isinstance(a, Breakpoint) and isinstance(a, corolux.Callback)
-    assert listened_stages(type(a)) == ("on_train_batch_after_loss",)
-    assert listened_stages(type(b)) == ("on_epoch_end",)
-    assert type(Breakpoint("on_train_batch_after_loss")) is type(a)  # one class per stage
-    assert type(a).__name__ == "Breakpoint" and Breakpoint not in DEFAULTS
+    assert type(a) is Breakpoint and type(b) is Breakpoint and isinstance(a, corolux.Callback)
+    assert list(handlers_of(a)) == ["on_train_batch_after_loss"]
+    assert list(handlers_of(b)) == ["on_epoch_end"]
+    assert Breakpoint not in DEFAULTS
     assert repr(a) == "Breakpoint('on_train_batch_after_loss')"
     assert repr(b) == "Breakpoint('on_epoch_end', when=<lambda>)"
     c = copy.deepcopy(b)
-    assert type(c) is type(b) and c.when is b.when and c.stage == "on_epoch_end"
+    assert type(c) is Breakpoint and c.when is b.when and c.stage == "on_epoch_end"
+    assert list(handlers_of(c)) == ["on_epoch_end"] and handlers_of(c)["on_epoch_end"].__self__ is c
+
+
+def test_two_breakpoints_at_different_stages_each_stop_at_their_own():
+    hits: list[tuple[str, int]] = []
+    hook = sys.breakpointhook
+    sys.breakpointhook = lambda *a, **k: None
+    try:
+        a = Breakpoint("on_train_batch_after_loss", when=lambda ctx: ctx.iter == 2)
+        b = Breakpoint("on_epoch_end")
+        make_trainer().fit(iris(), epochs=2, batch_size=50, callbacks=[a, b])
+    finally:
+        sys.breakpointhook = hook
+    hits.extend([("a", a.hits), ("b", b.hits)])
+    assert hits == [("a", 2), ("b", 2)]
 
 
 SCRIPT = """
