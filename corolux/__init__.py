@@ -7,6 +7,7 @@ reaches you; ``fit()`` drives the same loop to the end.
 
 from corolux import callbacks as callbacks
 from corolux import metrics as metrics
+from corolux.arguments import seed_everything as seed_everything
 from corolux.callback import Callback as Callback
 from corolux.callback import callback as callback
 from corolux.callback import coroutine as coroutine
@@ -42,4 +43,5 @@ __all__ = [
     "every",
     "fit",
     "metrics",
+    "seed_everything",
 ]

@@ -15,6 +15,16 @@ class History:
     ``history[name]`` is the list of that value per epoch, ``nan`` where the phase did not
     run that epoch, so every list aligns with ``history["epoch"]``.
 
+    How the run ended (the loop sets these as the run goes):
+
+    - ``stop_reason``: None when training ran to its end, else why it stopped:
+      ``"early_stopping"``, ``"max_steps"``, ``"interrupted"`` (Ctrl-C), ``"nan"``, or the
+      reason given to ``ctx.stop_training(reason)``.
+    - ``completed_epochs``: the number of full epochs, as ``ctx.completed_epochs``. An epoch
+      cut short by a stop still has its record, so it shows as
+      ``len(history) > history.completed_epochs``.
+    - ``interrupted``: True when the run was stopped by Ctrl-C.
+
     Example:
         >>> h = History()
         >>> h.append({"epoch": 1, "train_loss": 0.9})
@@ -23,12 +33,19 @@ class History:
         [nan, 0.6]
         >>> h.last("train_loss")
         0.5
+        >>> h.stop_reason, h.completed_epochs = "early_stopping", 2  # as the trainer sets them
+        >>> h
+        History(2 epochs, stopped: early_stopping; last: train_loss=0.5, valid_loss=0.6)
     """
 
     def __init__(self) -> None:
         self.records: list[dict[str, Any]] = []
         #: True when the run was stopped by Ctrl-C.
         self.interrupted: bool = False
+        #: Why training stopped early; None when it ran to its end.
+        self.stop_reason: str | None = None
+        #: The number of full epochs (an epoch cut short by a stop is not counted).
+        self.completed_epochs: int = 0
 
     def append(self, record: dict[str, Any]) -> None:
         """Add one epoch's record (a dict with an ``"epoch"`` key)."""
@@ -69,11 +86,21 @@ class History:
         return {name: self[name] for name in self}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"records": [dict(r) for r in self.records], "interrupted": self.interrupted}
+        """The records and how the run ended, as a plain dict (for checkpoints)."""
+        return {
+            "records": [dict(r) for r in self.records],
+            "interrupted": self.interrupted,
+            "stop_reason": self.stop_reason,
+            "completed_epochs": self.completed_epochs,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; keys missing from older checkpoints
+        take their defaults."""
         self.records = [dict(r) for r in state["records"]]
         self.interrupted = bool(state.get("interrupted", False))
+        self.stop_reason = state.get("stop_reason")
+        self.completed_epochs = int(state.get("completed_epochs", 0))
 
     def plot(self, path: str | None = None) -> Any:
         """Plot each metric per epoch, train and valid side by side (needs matplotlib).
@@ -114,7 +141,13 @@ class History:
             return "History(no epochs)"
         last = {k: v for k, v in self.records[-1].items() if k != "epoch"}
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v!r}" for k, v in last.items())
-        flag = ", interrupted" if self.interrupted else ""
+        flag = ""
+        if self.stop_reason is not None:
+            flag = f", stopped: {self.stop_reason}"
+            if self.completed_epochs < len(self.records):
+                flag += f" ({self.completed_epochs} completed)"
+        elif self.interrupted:
+            flag = ", interrupted"
         return f"History({len(self.records)} epochs{flag}; last: {shown})"
 
 

@@ -77,12 +77,24 @@ class _SumMetric:
 
 class Accuracy(_SumMetric):
     """Multiclass accuracy: ``argmax(pred, dim=-1) == target`` (target as class indices,
-    or as one-hot / probabilities of the same shape as ``pred``)."""
+    or as one-hot / probabilities of the same shape as ``pred``).
+
+    ``pred`` holds class scores, ``(N, ..., C)`` with ``C >= 2``. A binary output, ``(N,)``
+    or ``(N, 1)``, is refused with a ValueError: its argmax is always 0. Use
+    ``BinaryAccuracy`` for it.
+    """
 
     name = "acc"
     higher_is_better = True
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        if pred.ndim < 2 or pred.shape[-1] == 1:  # one score per sample: argmax is always 0
+            raise ValueError(
+                f"Accuracy expects class scores, pred of shape (N, ..., C) with C >= 2, got pred "
+                f"{tuple(pred.shape)} and target {tuple(target.shape)}: one score per sample is a "
+                "binary output, whose argmax is always 0. Use BinaryAccuracy() (for probabilities) "
+                "or BinaryAccuracy(from_logits=True) (for logits)"
+            )
         if target.shape == pred.shape and target.is_floating_point():
             target = target.argmax(dim=-1)
         if pred.shape[:-1] != target.shape:
@@ -329,7 +341,14 @@ class LossTracker:
             self._fold()
             self._size = size
         losses = self._losses
-        losses.append(loss.detach())
+        try:
+            losses.append(loss.detach())
+        except AttributeError:  # not a tensor; the try costs nothing on the normal path
+            raise ValueError(
+                f"the loss must be a scalar tensor, got {type(loss).__name__} {loss!r}; when "
+                "changing ctx.loss, assign a tensor (e.g. ctx.loss = ctx.loss * 0, not 0.0), or "
+                "call ctx.skip_batch() to leave the batch out of the metrics"
+            ) from None
         if len(losses) >= self.fold_every:
             self._fold()
 

@@ -18,6 +18,7 @@ from corolux import loop
 from corolux._suggest import did_you_mean
 from corolux.arguments import (
     OptimizerSpec,
+    check_loss_fn,
     check_metrics,
     resolve_device,
     resolve_epochs,
@@ -107,8 +108,6 @@ class Trainer:
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if loss_fn is not None and not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable (pred, target) -> loss, got {loss_fn!r}")
         if unpack is not None and not callable(unpack):
             raise TypeError(f"unpack must be a function batch -> (input, target), got {unpack!r}")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
@@ -117,8 +116,12 @@ class Trainer:
             raise TypeError(f"progress must be True, False or None (auto), got {progress!r}")
         self.device = resolve_device(device)
         self.model = model.to(self.device)
-        self.loss_fn = loss_fn
-        self.optimizers = resolve_optimizers(optimizer, self.model)
+        self.loss_fn = check_loss_fn(loss_fn)
+        if isinstance(loss_fn, torch.nn.Module):  # a loss with parameters or buffers (e.g. class weights)
+            loss_fn.to(self.device)
+        self.optimizers = resolve_optimizers(
+            optimizer, self.model, extra=loss_fn.parameters() if isinstance(loss_fn, torch.nn.Module) else ()
+        )
         #: The precision of the steps: autocast, and the GradScaler of "16-mixed".
         self.precision = Precision(precision, self.device)
         self.scaler = self.precision.scaler

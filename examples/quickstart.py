@@ -1,6 +1,6 @@
 """Quickstart: train a small classifier on scikit-learn's bundled 8x8 digits (no download).
 
-Run:  python examples/quickstart.py
+Run:  python examples/quickstart.py  (seeded: two runs print the same numbers)
 """
 
 import torch
@@ -13,6 +13,7 @@ x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
 y = torch.tensor(digits.target)
 test_x, test_y, train_x, train_y = x[:297], y[:297], x[297:], y[297:]
 
+corolux.seed_everything(0)  # before building the model: the same weights, and numbers, every run
 model = torch.nn.Sequential(
     torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(128, 10)
 )

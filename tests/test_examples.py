@@ -23,10 +23,17 @@ def run_example(name: str, timeout: float = 120) -> subprocess.CompletedProcess[
     )
 
 
-def test_quickstart_prints_final_metrics_with_good_test_accuracy():
+@pytest.fixture(scope="module")
+def quickstart() -> subprocess.CompletedProcess[str]:
+    """One run of the quickstart, shared by the tests of this module (it takes seconds)."""
     pytest.importorskip("sklearn")
     proc = run_example("quickstart.py")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_quickstart_prints_final_metrics_with_good_test_accuracy(quickstart):
+    proc = quickstart
     lines = proc.stdout.strip().splitlines()
     assert any(line.startswith("History(10 epochs") for line in lines), proc.stdout
     (test_line,) = [line for line in lines if line.startswith("test:")]
@@ -40,3 +47,12 @@ def test_quickstart_prints_final_metrics_with_good_test_accuracy():
     assert valid_acc > 0.85
     # progress=None and stderr is not a terminal here: no bars
     assert "Epoch 1/10" not in proc.stderr
+
+
+def test_quickstart_is_reproducible(quickstart):
+    """It calls corolux.seed_everything() before building the model: a second run, in a
+    fresh interpreter, prints the same numbers."""
+    again = run_example("quickstart.py")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "test:" in again.stdout
+    assert again.stdout == quickstart.stdout

@@ -217,3 +217,107 @@ def test_stopped_epoch_is_recorded_with_partial_metrics():
     assert history["epoch"] == [1, 2]
     assert math.isfinite(history["train_loss"][1])
     assert math.isnan(history["valid_loss"][1])  # validation did not run in the stopped epoch
+
+
+# -- how the run ended: stop_reason and completed_epochs (DESIGN section 10) ----------------------
+
+
+def test_stop_reason_and_completed_epochs_default_to_a_run_not_yet_ended():
+    history = corolux.History()
+    assert history.stop_reason is None
+    assert history.completed_epochs == 0
+    assert "stop_reason" in corolux.History.__doc__ and "completed_epochs" in corolux.History.__doc__
+
+
+def test_state_dict_round_trips_how_the_run_ended():
+    history = corolux.History()
+    history.append({"epoch": 1, "train_loss": 0.9})
+    history.append({"epoch": 2, "train_loss": 0.5})
+    history.stop_reason, history.completed_epochs, history.interrupted = "interrupted", 1, True
+    state = history.state_dict()
+    assert state["stop_reason"] == "interrupted" and state["completed_epochs"] == 1
+    restored = corolux.History()
+    restored.load_state_dict(state)
+    assert (restored.stop_reason, restored.completed_epochs, restored.interrupted) == ("interrupted", 1, True)
+    assert restored["train_loss"] == [0.9, 0.5]
+
+
+def test_an_old_state_dict_without_them_still_loads():
+    restored = corolux.History()
+    restored.stop_reason, restored.completed_epochs = "nan", 5  # overwritten by the load
+    restored.load_state_dict({"records": [{"epoch": 1, "train_loss": 0.9}], "interrupted": False})
+    assert restored.stop_reason is None and restored.completed_epochs == 0
+    assert len(restored) == 1
+
+
+def test_repr_says_why_the_run_stopped_and_how_many_epochs_were_full():
+    history = corolux.History()
+    history.append({"epoch": 1, "train_loss": 0.9})
+    assert repr(history) == "History(1 epochs; last: train_loss=0.9)"
+    history.append({"epoch": 2, "train_loss": 0.5})
+    history.stop_reason, history.completed_epochs = "early_stopping", 2
+    assert repr(history) == "History(2 epochs, stopped: early_stopping; last: train_loss=0.5)"
+    history.stop_reason, history.completed_epochs = "max_steps", 1  # the second epoch was cut short
+    assert repr(history) == "History(2 epochs, stopped: max_steps (1 completed); last: train_loss=0.5)"
+    history.stop_reason, history.interrupted = "interrupted", True
+    assert repr(history).startswith("History(2 epochs, stopped: interrupted (1 completed);")
+    history.stop_reason = None  # a history the trainer did not annotate keeps the old flag
+    assert repr(history).startswith("History(2 epochs, interrupted;")
+
+
+def test_a_run_to_its_end_has_no_stop_reason():
+    history = fit(3)
+    assert history.stop_reason is None
+    assert history.completed_epochs == len(history) == 3
+    assert "stopped" not in repr(history)
+
+
+def test_a_stop_at_an_epochs_end_keeps_the_reason_and_counts_the_epoch():
+    class GoodEnough(corolux.Callback):
+        def on_epoch_end(self, ctx):
+            if ctx.epoch == 2:
+                ctx.stop_training("good enough")
+
+    history = fit(5, callbacks=[GoodEnough()])
+    assert history.stop_reason == "good enough"
+    assert history.completed_epochs == len(history) == 2
+    assert "stopped: good enough;" in repr(history)
+
+
+def test_an_epoch_cut_short_shows_as_more_records_than_completed_epochs():
+    class StopMidEpoch(corolux.Callback):
+        def on_train_batch_end(self, ctx):
+            if ctx.epoch == 2 and ctx.iter == 2:
+                ctx.stop_training()
+
+    history = fit(3, callbacks=[StopMidEpoch()])
+    assert history.stop_reason == "stopped"
+    assert len(history) == 2 and history.completed_epochs == 1
+    assert "(1 completed)" in repr(history)
+
+
+def test_max_steps_is_a_stop_reason():
+    x, y = iris()
+    history = trainer_for().fit((x, y), epochs=5, max_steps=7)  # 5 batches an epoch
+    assert history.stop_reason == "max_steps"
+    assert len(history) == 2 and history.completed_epochs == 1
+
+
+def test_each_run_records_its_own_ending():
+    x, y = iris()
+    trainer = trainer_for()
+    first = trainer.fit((x, y), epochs=3, max_steps=2)
+    second = trainer.fit((x, y), epochs=2)
+    assert (first.stop_reason, first.completed_epochs) == ("max_steps", 0)
+    assert (second.stop_reason, second.completed_epochs) == (None, 2)
+
+
+def test_on_fit_end_sees_how_the_run_ended():
+    seen = []
+
+    class Look(corolux.Callback):
+        def on_fit_end(self, ctx):
+            seen.append((ctx.history.stop_reason, ctx.history.completed_epochs))
+
+    fit(2, callbacks=[Look()])
+    assert seen == [(None, 2)]

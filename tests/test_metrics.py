@@ -85,6 +85,56 @@ def test_accuracy_accepts_one_hot_targets():
     assert float(metric.compute()) == pytest.approx(correct / 100)
 
 
+def test_accuracy_accepts_probability_targets():
+    _, _, pairs = classification_batches()
+    metric = Accuracy()
+    for pred, target in pairs:
+        soft = 0.8 * F.one_hot(target, 3).float() + 0.2 / 3  # label smoothing keeps the argmax
+        metric.update(pred, soft)
+    correct = sum((p.argmax(-1) == t).sum().item() for p, t in pairs)
+    assert float(metric.compute()) == pytest.approx(correct / 100)
+
+
+@pytest.mark.parametrize(
+    ("pred_shape", "target_shape", "float_target"),
+    [((8, 1), (8,), False), ((8, 1), (8, 1), True), ((8,), (8,), False), ((8,), (8,), True)],
+    ids=["N1-indices", "N1-float-N1", "N-indices", "N-float"],
+)
+def test_accuracy_refuses_a_binary_output_and_points_to_binary_accuracy(
+    pred_shape, target_shape, float_target
+):
+    """One score per sample: argmax is always 0, so the value would mean nothing (with an
+    (N, 1) float target of the same shape it would even read 1.0)."""
+    target = torch.randint(0, 2, target_shape)
+    if float_target:
+        target = target.float()
+    metric = Accuracy()
+    with pytest.raises(ValueError) as info:
+        metric.update(torch.rand(pred_shape), target)
+    message = str(info.value)
+    assert f"pred {pred_shape}" in message and f"target {target_shape}" in message
+    assert "C >= 2" in message
+    assert "BinaryAccuracy" in message
+    assert metric.count == 0  # nothing was counted
+
+
+def test_accuracy_on_a_binary_model_fails_at_the_first_batch_through_the_trainer():
+    x, y = iris(100)  # two classes
+    trainer = trainer_for(
+        torch.nn.Linear(4, 1),
+        loss_fn=lambda pred, target: F.binary_cross_entropy_with_logits(pred.squeeze(-1), target.float()),
+        metrics=[Accuracy()],
+    )
+    with pytest.raises(ValueError, match=r"pred \(32, 1\) and target \(32,\).*BinaryAccuracy"):
+        trainer.fit((x, y))
+    history = trainer_for(
+        torch.nn.Linear(4, 1),
+        loss_fn=lambda pred, target: F.binary_cross_entropy_with_logits(pred.squeeze(-1), target.float()),
+        metrics=[corolux.metrics.BinaryAccuracy(from_logits=True)],
+    ).fit((x, y))
+    assert 0 <= history.last("train_binary_acc") <= 1  # the fix the message gives works
+
+
 def test_regression_metrics_are_per_sample_means_over_batches():
     _, _, pairs = regression_batches()
     diffs = torch.cat([(p - t).flatten() for p, t in pairs])
@@ -346,6 +396,41 @@ def test_skipped_batches_are_not_counted():
     logits = torch.cat([p for p, _ in kept])
     targets = torch.cat([t for _, t in kept])
     assert result["acc"] == pytest.approx((logits.argmax(-1) == targets).float().mean().item())
+
+
+# -- the loss tracker ------------------------------------------------------------------------------
+
+
+def test_loss_tracker_is_the_per_sample_mean():
+    tracker = corolux.metrics.LossTracker()
+    tracker.update(torch.tensor(1.0), 3)
+    tracker.update(torch.tensor(4.0), 1)
+    assert tracker.count == 4
+    assert tracker.compute() == pytest.approx(7 / 4)
+
+
+@pytest.mark.parametrize("loss", [0.0, 3, None, [torch.tensor(1.0)]], ids=["float", "int", "None", "list"])
+def test_loss_tracker_refuses_a_loss_that_is_not_a_tensor(loss):
+    with pytest.raises(ValueError) as info:
+        corolux.metrics.LossTracker().update(loss, 4)
+    message = str(info.value)
+    assert message.startswith(f"the loss must be a scalar tensor, got {type(loss).__name__} {loss!r}")
+    assert "ctx.loss = ctx.loss * 0" in message  # the fix
+    assert info.value.__cause__ is None and info.value.__suppress_context__  # no AttributeError chained
+
+
+@pytest.mark.parametrize("phase", ["train", "valid"])
+def test_a_float_assigned_to_ctx_loss_is_a_clear_value_error_through_the_trainer(phase):
+    x, y = iris()
+    stage = "on_train_batch_end" if phase == "train" else "on_valid_batch_after_loss"
+
+    class ZeroLoss(corolux.Callback):
+        weight = -1000  # before the metrics tracker reads the loss at *_batch_end
+
+    setattr(ZeroLoss, stage, lambda self, ctx: setattr(ctx, "loss", 0.0))
+    with pytest.raises(ValueError, match=r"the loss must be a scalar tensor, got float 0\.0") as info:
+        trainer_for(torch.nn.Linear(4, 3)).fit((x, y), valid_data=(x, y), callbacks=[ZeroLoss()])
+    assert any("MetricsTracker" in note for note in getattr(info.value, "__notes__", []))
 
 
 # -- no host sync per update ---------------------------------------------------------------------

@@ -37,6 +37,7 @@ CORE = {
     "every",
     "fit",
     "metrics",
+    "seed_everything",
 }
 
 CALLBACKS = {"DEFAULTS", "Breakpoint", "MetricsTracker", "ProgressBar"}
@@ -124,6 +125,7 @@ def test_package_root_exports_everything_public():
 
 
 def test_reexports_are_the_implementations():
+    from corolux.arguments import seed_everything
     from corolux.callback import Callback
     from corolux.context import Context
     from corolux.events import Event, Stage
@@ -136,6 +138,7 @@ def test_reexports_are_the_implementations():
     assert corolux.Stage is Stage
     assert corolux.History is History
     assert corolux.Trainer is Trainer
+    assert corolux.seed_everything is seed_everything
 
 
 def test_version_is_a_string():

@@ -752,6 +752,29 @@ def test_a_second_run_while_one_is_open_is_a_runtime_error():
     assert len(trainer.fit(iris())["train_loss"]) == 1
 
 
+def test_a_run_that_never_started_is_discarded_when_another_starts():
+    # At the REPL, `trainer.run(data)` typed without a name stays alive in `_`.
+    trainer = make_trainer()
+    forgotten = trainer.run(iris(), epochs=2)
+    history = trainer.fit(iris(), epochs=1)
+    assert len(history) == 1
+    assert list(forgotten) == []  # closed before it ran: not one event, no setup, no teardown
+
+
+def test_the_open_run_error_names_close_run_and_close_run_closes_it():
+    teardowns: list[str] = []
+    cb = corolux.callback("cb", teardown=lambda self, ctx: teardowns.append(ctx.stage))()
+    trainer = make_trainer()
+    gen = trainer.run(iris(), epochs=2, callbacks=[cb])
+    next(gen)
+    with pytest.raises(RuntimeError, match=r"trainer\.close_run\(\) \(for a stepper, s\.close\(\)\)"):
+        trainer.fit(iris())
+    trainer.close_run()
+    assert teardowns == ["on_fit_begin"] and list(gen) == []  # cleanup ran; nothing more yielded
+    trainer.close_run()  # no open run: a no-op
+    assert len(trainer.fit(iris())) == 1
+
+
 def test_trainer_is_reusable_after_break():
     trainer = make_trainer()
     for event in trainer.run(iris(), epochs=3):
