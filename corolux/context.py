@@ -10,7 +10,7 @@ import torch
 from corolux._suggest import did_you_mean
 from corolux.control import Signals
 from corolux.events import ONE_OFF_STAGES, SCOPE_STAGES, Stage
-from corolux.history import History
+from corolux.history import History, plain_value
 from corolux.precision import Precision
 
 _NESTED_STAGES = frozenset(Stage) - ONE_OFF_STAGES
@@ -398,18 +398,25 @@ class Context:
     def log(self, name: str, value: Any) -> None:
         """Record a custom value in this epoch's history (``history[name]``).
 
-        A one-element tensor reads back from the history as a float.
+        A one-element tensor is kept on its device (no sync per call) and becomes a float
+        once per epoch, when the epoch's record is written: at ``on_epoch_end``,
+        ``ctx.metrics`` holds floats, as the history does.
         """
         if not isinstance(name, str) or not name:
             raise TypeError(f"log(): name must be a non-empty string, got {name!r}")
         if name == "epoch":
             raise ValueError("log(): 'epoch' is reserved for the epoch number; pick another name")
-        self.metrics[name] = value.detach() if isinstance(value, torch.Tensor) else value
+        if isinstance(value, torch.Tensor):
+            value = value.detach()
+            if self.history.records and self.history.records[-1] is self.metrics:
+                value = plain_value(value)  # the record is written already (late in on_epoch_end)
+        self.metrics[name] = value
 
     def commit_epoch(self) -> None:
-        """Write this epoch's metrics into the history (called once per epoch, at its end)."""
-        record = {"epoch": self.epoch}
-        record.update(self.metrics)
+        """Write this epoch's metrics into the history, one-element tensors as floats (called
+        once per epoch, at its end, by the MetricsTracker)."""
+        record: dict[str, Any] = {"epoch": self.epoch}
+        record.update((name, plain_value(value)) for name, value in self.metrics.items())
         self.metrics = record
         self.history.append(record)
 

@@ -153,14 +153,17 @@ def split_validation(
 
 
 def default_unpack(batch: Any) -> tuple[Any, Any]:
-    """Split a batch into ``(input, target)``: a tuple/list of 2 or 1, or a dict with the
-    keys ``"input"`` and ``"target"``."""
+    """Split a batch into ``(input, target)``: a tuple/list of 2 or 1, a bare tensor (the
+    input alone, as ``DataLoader(x)`` yields), or a dict with the keys ``"input"`` and
+    ``"target"``."""
     kind = type(batch)
     if kind is tuple or kind is list:
         if len(batch) == 2:
             return batch[0], batch[1]
         if len(batch) == 1:
             return batch[0], None
+    elif isinstance(batch, torch.Tensor):
+        return batch, None
     elif isinstance(batch, Mapping) and "input" in batch:
         return batch["input"], batch.get("target")
     elif isinstance(batch, (tuple, list)) and len(batch) in (1, 2):

@@ -6,7 +6,7 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["History"]
+__all__ = ["History", "plain_value"]
 
 
 class History:
@@ -62,7 +62,7 @@ class History:
     def __getitem__(self, name: str) -> list[Any]:
         if name != "epoch" and name not in self.names:
             raise KeyError(f"no metric {name!r} in the history; recorded: {self.names or 'none yet'}")
-        return [_plain(record.get(name, math.nan)) for record in self.records]
+        return [plain_value(record.get(name, math.nan)) for record in self.records]
 
     def __contains__(self, name: object) -> bool:
         return name == "epoch" or name in self.names
@@ -76,7 +76,7 @@ class History:
     def last(self, name: str, default: Any = None) -> Any:
         """The value of ``name`` in the last epoch that recorded it, else ``default``."""
         for record in reversed(self.records):
-            value = _plain(record.get(name))
+            value = plain_value(record.get(name))
             if value is not None and not (isinstance(value, float) and math.isnan(value)):
                 return value
         return default
@@ -151,8 +151,8 @@ class History:
         return f"History({len(self.records)} epochs{flag}; last: {shown})"
 
 
-def _plain(value: Any) -> Any:
-    """A one-element tensor logged with ``ctx.log`` reads as a Python float."""
+def plain_value(value: Any) -> Any:
+    """A one-element tensor (logged with ``ctx.log``) as a Python float; anything else as it is."""
     if getattr(value, "numel", None) is not None and value.numel() == 1:
         return float(value.detach())  # sync-ok: reading the history, off the training path
     return value

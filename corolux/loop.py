@@ -85,13 +85,20 @@ def compute_loss(ctx: Context) -> torch.Tensor:
     ``out["loss"]``) when ``loss_fn`` is None."""
     loss_fn = ctx.loss_fn
     autocast = ctx.precision.autocast
+    target = ctx.target
     if loss_fn is None:
         loss = _carried_loss(ctx.pred)
+    elif target is None:
+        raise ValueError(
+            f"the {ctx.phase} batch has no target for loss_fn: a bare tensor or a 1-tuple batch is "
+            "the input alone (for predict()); give (input, target) batches, or split yours with "
+            "Trainer(unpack=lambda batch: (input, target))"
+        )
     elif autocast is None:
-        loss = loss_fn(ctx.pred, ctx.target)
+        loss = loss_fn(ctx.pred, target)
     else:
         with autocast():
-            loss = loss_fn(ctx.pred, ctx.target)
+            loss = loss_fn(ctx.pred, target)
     if ctx.iter == 1:  # what the loss function returns, checked on each phase's first batch
         problem = loss_problem(loss)
         if problem is not None:

@@ -33,7 +33,7 @@ from corolux.data import default_unpack, resolve_data, split_validation
 from corolux.distributed import is_main_process
 from corolux.driver import Driver, MakeLoop
 from corolux.events import STEP_STAGES, Event, Stage
-from corolux.history import History
+from corolux.history import History, plain_value
 from corolux.metrics import metric_name
 from corolux.precision import Precision
 
@@ -258,7 +258,7 @@ class Trainer:
         driver, make_loop = self._prepare_evaluate(data, callbacks, metrics, batch_size)
         self._drive(driver, make_loop)
         warn_if_interrupted(driver.ctx, "evaluate()")
-        return {k.removeprefix("valid_"): v for k, v in driver.ctx.metrics.items()}
+        return {k.removeprefix("valid_"): plain_value(v) for k, v in driver.ctx.metrics.items()}
 
     def run_predict(
         self, data: Any, *, callbacks: Sequence[Any] | None = None, batch_size: int | None = None
@@ -300,6 +300,11 @@ class Trainer:
             not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1
         ):
             raise ValueError(f"max_steps must be an integer >= 1 or None, got {max_steps!r}")
+        if isinstance(valid_data, int):  # valid_data=0 or 1 (a bool too): not a fraction
+            raise ValueError(
+                f"valid_data={valid_data!r}: a number splits off a fraction of the training data, "
+                "which must be a float in (0, 1), e.g. valid_data=0.2; pass None for no validation"
+            )
         if isinstance(valid_data, float):
             train_data, valid_data = split_validation(
                 train_data,

@@ -220,7 +220,8 @@ def test_a_batch_of_another_layout_names_unpack(batch):
         "dict_without_input": {"features": x, "label": y},
         "tensor": x,
     }[batch]
-    with pytest.raises(TypeError, match=r"Trainer\(unpack="):
+    error = ValueError if batch == "tensor" else TypeError  # a tensor is an input without a target
+    with pytest.raises(error, match=r"Trainer\(unpack="):
         trainer_for().fit([bad])
 
 
@@ -337,6 +338,12 @@ def test_valid_fraction_of_a_list_is_a_type_error():
 def test_valid_fraction_out_of_range_is_a_value_error(fraction):
     with pytest.raises(ValueError, match="valid_data"):
         trainer_for().fit(iris(), valid_data=fraction)
+
+
+@pytest.mark.parametrize("number", [0, 1, True])
+def test_valid_data_as_an_int_says_fractions_are_floats_in_0_1(number):
+    with pytest.raises(ValueError, match=r"must be a float in \(0, 1\), e\.g\. valid_data=0\.2"):
+        trainer_for().fit(iris(), valid_data=number)
 
 
 # -- iterators, empty and wrong data --------------------------------------------------------------
@@ -504,3 +511,12 @@ def test_is_last_batch_comes_from_the_length():
     x, y = iris(40)
     trainer_for().fit((x, y), epochs=1, batch_size=16, callbacks=[log])
     assert seen == [(1, False), (2, False), (3, True)]
+
+
+def test_predict_over_a_dataloader_of_bare_tensors():
+    # DataLoader(x) yields bare tensors: each batch is the input alone (DESIGN §8 Data).
+    x, _ = iris(40)
+    trainer = trainer_for()
+    expected = trainer.predict(x, batch_size=16)
+    assert torch.equal(trainer.predict(DataLoader(x, batch_size=16)), expected)
+    assert expected.shape == (40, 3)

@@ -4,6 +4,7 @@ plot(), ctx.log()."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -153,6 +154,27 @@ def test_logged_tensor_is_recorded_as_a_float(stage):
     setattr(Logger, stage, lambda self, ctx: ctx.log("norm", ctx.model.weight.detach().norm()))
     history = fit(2, callbacks=[Logger()])
     assert [type(v) for v in history["norm"]] == [float, float]
+
+
+@pytest.mark.parametrize("logged_at", ["on_train_batch_end", "on_train_end", "on_epoch_end"])
+def test_at_on_epoch_end_ctx_metrics_holds_the_floats_the_history_holds(logged_at):
+    seen: list[tuple[Any, Any]] = []
+
+    class Logger(corolux.Callback):
+        weight = 0
+
+    setattr(Logger, logged_at, lambda self, ctx: ctx.log("norm", ctx.model.weight.detach().norm()))
+
+    class Reader(corolux.Callback):
+        weight = 1  # after the logger, at the default weight's neighbour
+
+        def on_epoch_end(self, ctx):
+            seen.append((ctx.metrics["norm"], ctx.history.records[-1]["norm"]))
+
+    fit(2, callbacks=[Logger(), Reader()])
+    assert len(seen) == 2
+    for in_metrics, in_history in seen:
+        assert type(in_metrics) is float and in_metrics == in_history
 
 
 def test_log_from_the_consumer_of_run():
@@ -321,3 +343,12 @@ def test_on_fit_end_sees_how_the_run_ended():
 
     fit(2, callbacks=[Look()])
     assert seen == [(None, 2)]
+
+
+def test_evaluate_returns_a_logged_tensor_as_a_float():
+    x, y = iris()
+    at_end = corolux.callback(
+        "at_end", on_valid_end=lambda self, ctx: ctx.log("norm", ctx.model.weight.norm())
+    )()
+    results = trainer_for().evaluate((x, y), callbacks=[at_end])
+    assert type(results["norm"]) is float and type(results["loss"]) is float

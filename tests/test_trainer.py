@@ -467,6 +467,24 @@ def test_loss_assigned_by_a_callback_is_what_backward_uses():
     assert same_params(before, params_of(model))
 
 
+@pytest.mark.parametrize(
+    "value, says", [(0.0, "got float 0.0"), (torch.zeros(3, requires_grad=True), "got shape (3,)")]
+)
+def test_a_bad_value_assigned_to_the_loss_is_named_with_the_stage(value, says):
+    set_loss = Recorder(lambda stage, ctx: setattr(ctx, "loss", value), "on_train_batch_after_loss")
+    with pytest.raises(ValueError, match="the loss must be a scalar tensor") as info:
+        make_trainer().fit(iris(), callbacks=[set_loss])
+    message = str(info.value)
+    assert says in message and "'on_train_batch_before_backward'" in message
+    assert info.value.__cause__ is None and info.value.__suppress_context__  # torch's error hidden
+
+
+def test_a_bad_value_assigned_to_the_loss_in_validation_is_a_clear_error():
+    set_loss = Recorder(lambda stage, ctx: setattr(ctx, "loss", 0.0), "on_valid_batch_after_loss")
+    with pytest.raises(ValueError, match="the loss must be a scalar tensor, got float 0.0"):
+        make_trainer().fit(iris(), valid_data=iris(), callbacks=[set_loss])
+
+
 def test_assigned_input_is_what_the_model_sees():
     model = mlp(4, 3)
     seen = []
