@@ -18,6 +18,8 @@ so cleanup runs (``with`` blocks, ``finally``) and nothing more is yielded.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Callable, Collection, Container, Generator, Iterable, Mapping
 from typing import Any
 
@@ -246,8 +248,8 @@ def _phase(
     ctx.begin_phase(phase, data, length(data))
     ctx.model.train(training)
     outputs: list[Any] | None = [] if phase == "predict" else None
-    # A custom step's stages, each mapped to itself (a built-in one to its Stage member).
-    checked = None if allowed is None else {str(stage): stage for stage in allowed}
+    if allowed is not None:  # a custom step: its yields are checked (one generator more)
+        step = functools.partial(_checked_step, step, {str(stage): stage for stage in allowed}, batch_begin)
     unpack = ctx.unpack
     pairs = unpack is default_unpack
     device = ctx.device
@@ -286,22 +288,9 @@ def _phase(
                     yield from _attend(ctx)
                 if not ctx.skipped:
                     stages = step(ctx)
-                    if checked is not None and not isinstance(stages, Generator):
-                        raise _not_a_generator(step, stages)
                     for stage in stages:
-                        if checked is not None:  # a custom step: its stage, as the Stage member
-                            known = checked.get(stage)
-                            if known is None:
-                                raise _bad_step_stage(stage, batch_begin, checked)
-                            stage = known
-                        if stage is TRAIN_AFTER_STEP:  # ctx.step counts here (and in _step_open_window)
-                            ctx.step += 1
-                            if (
-                                ctx.max_steps is not None
-                                and ctx.step >= ctx.max_steps
-                                and not ctx.is_last_batch
-                            ):
-                                ctx.stop_training("max_steps")  # on the last batch: after the epoch
+                        if stage is TRAIN_AFTER_STEP:
+                            _count_step(ctx)
                         ctx.stage = stage
                         if stage not in pass_over:
                             yield stage
@@ -326,7 +315,7 @@ def _phase(
                 if outputs is not None and not ctx.skipped:
                     outputs.append(ctx.pred)
         ctx.end_batches()
-        if exhausted and training and ctx.accumulate_steps > 1 and ctx.gradients_pending:
+        if exhausted and training:
             yield from _step_open_window(ctx)
     except KeyboardInterrupt as exc:
         ctx.end_batches()
@@ -344,11 +333,36 @@ def _phase(
         yield from _after_last(ctx)
 
 
+def _checked_step(step: Step, allowed: Mapping[str, str], begin: Stage, ctx: Context) -> Loop:
+    """Run a custom step, checking each stage it yields against ``allowed`` (given as its
+    Stage member, so the loop finds it by identity)."""
+    stages = step(ctx)
+    if not isinstance(stages, Generator):
+        raise _not_a_generator(step, stages)
+    with contextlib.closing(stages):  # a skip or Ctrl-C closing this closes the step too
+        for stage in stages:
+            known = allowed.get(stage)
+            if known is None:
+                raise _bad_step_stage(stage, begin, allowed)
+            yield known
+
+
+def _count_step(ctx: Context) -> None:
+    """At ``on_train_batch_after_step``: ``ctx.step`` counts here (and, for a window stepped
+    when the data ends, in _step_open_window) and nowhere else; reaching ``max_steps`` stops
+    training, after the epoch when it is the epoch's last batch."""
+    ctx.step += 1
+    if ctx.max_steps is not None and ctx.step >= ctx.max_steps and not ctx.is_last_batch:
+        ctx.stop_training("max_steps")
+
+
 def _step_open_window(ctx: Context) -> Loop:
     """Step the accumulation window that is still open when data without a length ends
     (with a length, its last batch steps it): ``on_train_batch_before_step`` and
     ``_after_step`` come between the last ``on_train_batch_end`` and ``on_train_end``, once
     per optimizer, with ``ctx.in_batch`` false."""
+    if ctx.accumulate_steps == 1 or not ctx.gradients_pending:
+        return  # every batch stepped (a step that updates by hand owns its own window)
     for name, opt in ctx.optimizers.items():
         ctx.opt_name, ctx.opt = name, opt
         yield from _at(ctx, TRAIN_BEFORE_STEP)
