@@ -61,7 +61,7 @@ class ProgressBar(Callback):
         self._close(phase)
         if not ctx.is_main_process:
             return
-        in_epoch = ctx.max_epochs > 0 and phase != "predict"
+        in_epoch = ctx.kind == "fit"
         desc = f"Epoch {ctx.epoch}/{ctx.max_epochs} {phase}" if in_epoch else phase
         # Validation inside an epoch is a transient bar under the epoch's train bar.
         nested = phase == "valid" and "train" in self.bars
@@ -98,7 +98,7 @@ class ProgressBar(Callback):
             self._show_metrics(self.bars["train"], ctx, ("train", "valid"))
             return
         self._show_metrics(bar, ctx, (phase,))
-        if phase != "train" or ctx.max_epochs == 0:
+        if phase != "train" or ctx.kind != "fit":
             self._close(phase)
         # An epoch's train bar stays open until on_epoch_end, for the validation metrics.
 
