@@ -76,8 +76,9 @@ _LISTENED: weakref.WeakKeyDictionary[type, tuple[str, ...]] = weakref.WeakKeyDic
 
 def handlers_of(cb: Any) -> dict[str, Callable[[Any], Any]]:
     """The handlers of a class callback by stage name: the ``on_*`` methods of its class and
-    the callable ``on_*`` attributes set on the instance (``self.on_epoch_end = fn``), in
-    definition order. The driver looks them up once per run.
+    the callable ``on_*`` attributes set on the instance (``setattr(self, stage, fn)``), in
+    definition order. The driver looks them up once per run. As for methods, an ``on_*``
+    name is a stage name: one the trainer does not know is refused with a suggestion.
 
     Example:
         >>> class Every(Callback):

@@ -9,12 +9,15 @@ import torch
 
 from corolux._suggest import did_you_mean
 from corolux.control import Signals
-from corolux.events import ONE_OFF_STAGES, SCOPE_STAGES, Stage
+from corolux.events import ONE_OFF_STAGES, SCOPE_STAGES, STEP_STAGES, Stage
 from corolux.history import History, plain_value
 from corolux.precision import Precision
 
 _NESTED_STAGES = frozenset(Stage) - ONE_OFF_STAGES
 _BATCH_ENDS = frozenset(stages[2] for stages in SCOPE_STAGES.values())
+_STEP_STAGE_NAMES = frozenset().union(*STEP_STAGES.values())
+#: The last stage of each kind of run: nothing is delivered after it.
+_LAST_STAGE = {"fit": Stage.on_fit_end, "evaluate": Stage.on_valid_end, "predict": Stage.on_predict_end}
 _Tensor = torch.Tensor
 
 __all__ = ["Context"]
@@ -44,11 +47,12 @@ class Context:
     """
 
     # Invariant (only the methods of this class write the private fields):
-    #   _in_batch            from begin_batch() to end_batches() or the next begin_phase()
+    #   _in_batch            from begin_batch() to end_batch() (after on_*_batch_end)
     #   _batch_backward      a backward ran in the current batch (begin_batch() clears it)
     #   _window_open         a backward ran since an optimizer last stepped (backward() sets it;
     #                        step_optimizer() and zero_grad() clear it)
     #   _validation_skipped  skip_validation() was given this epoch (begin_epoch() clears it)
+    #   _epoch_ended         end_epoch() ran: the epoch's values are floats (begin_epoch() clears it)
     #   _params              per optimizer, the parameters its backward reaches (several only)
     __slots__ = (
         "model",
@@ -58,7 +62,6 @@ class Context:
         "loss_fn",
         "device",
         "precision",
-        "scaler",
         "hparams",
         "is_main_process",
         "kind",
@@ -98,6 +101,7 @@ class Context:
         "_batch_backward",
         "_window_open",
         "_validation_skipped",
+        "_epoch_ended",
         "_params",
         "__dict__",
         "__weakref__",
@@ -128,8 +132,6 @@ class Context:
         self.device = device
         #: Autocast, loss scaling, unscaling and stepping (``"32"``, ``"bf16-mixed"``, ``"16-mixed"``).
         self.precision = precision if precision is not None else Precision("32", device)
-        #: The GradScaler of ``"16-mixed"``, else None.
-        self.scaler = self.precision.scaler
         self.hparams: dict[str, Any] = dict(hparams or {})
         self.is_main_process = is_main_process
         #: What this run does: ``"fit"``, ``"evaluate"`` or ``"predict"``.
@@ -178,6 +180,7 @@ class Context:
         self._batch_backward = False
         self._window_open = False
         self._validation_skipped = False
+        self._epoch_ended = False
         self._params: dict[int, list[torch.Tensor]] = {}
         if len(self.optimizers) > 1:
             self._params = {
@@ -188,9 +191,15 @@ class Context:
     # -- read-only views -------------------------------------------------------------------
 
     @property
+    def scaler(self) -> torch.amp.GradScaler | None:
+        """The GradScaler of ``"16-mixed"``, else None (owned by ``ctx.precision``)."""
+        return self.precision.scaler
+
+    @property
     def in_batch(self) -> bool:
         """True at the stages of a batch, from ``on_*_batch_begin`` to ``on_*_batch_end``
-        (``ctx.batch``, ``input``, ``target``, ``pred`` and ``loss`` are this batch's)."""
+        (``ctx.batch``, ``input``, ``target``, ``pred`` and ``loss`` are this batch's); false
+        between batches, while the next one is fetched."""
         return self._in_batch
 
     @property
@@ -236,10 +245,18 @@ class Context:
                 stage before ``on_*_batch_end``).
         """
         if not self._in_batch or self.stage in _BATCH_ENDS:
+            where = (
+                ""
+                if self._in_batch or self.stage not in _STEP_STAGE_NAMES
+                else (
+                    ", which here steps the accumulation window left open when the data ended "
+                    "(ctx.in_batch is false); to drop that window, call ctx.zero_grad()"
+                )
+            )
             raise RuntimeError(
-                f"skip_batch() at {self.stage!r}: there is no batch to skip here; it is valid "
-                "from on_train_batch_begin (or on_valid_batch_begin, on_predict_batch_begin) "
-                "up to the stage before the matching *_batch_end"
+                f"skip_batch() at {str(self.stage)!r}{where}: there is no batch to skip here; it "
+                "is valid from on_train_batch_begin (or on_valid_batch_begin, "
+                "on_predict_batch_begin) up to the stage before the matching *_batch_end"
             )
         self.skipped = True
 
@@ -257,6 +274,11 @@ class Context:
                 f"ctx.emit({stage!r}): only one-off stages can be emitted: on_early_stopping "
                 f"or a custom stage of the trainer;{did_you_mean(str(stage), emittable) or ''} "
                 "the stages of the tree are the loop's alone"
+            )
+        if self.stage is _LAST_STAGE[self.kind]:
+            raise RuntimeError(
+                f"ctx.emit({stage!r}) at {str(self.stage)!r}, the run's last stage: no event comes "
+                "after it; emit earlier (e.g. at on_epoch_end)"
             )
         self.signals.emit(stage)
 
@@ -280,7 +302,7 @@ class Context:
         try:
             if self.accumulate_steps != 1:
                 loss = loss / self._window_size()
-            if self.scaler is not None:
+            if self.precision.scaler is not None:
                 loss = self.precision.scale(loss)
             if self._params:
                 # Several optimizers: this loss's gradients go to this optimizer's parameters only.
@@ -336,18 +358,23 @@ class Context:
                 "updates the parameters by hand does so between on_train_batch_before_step and "
                 "on_train_batch_after_step, without step_optimizer()"
             )
-        if self.scaler is None:
-            opt.step()  # what Precision.step does at full precision, without the call
+        precision = self.precision
+        if precision.scaler is None:
+            opt.step()  # what Precision.step does without a GradScaler, without the call
         else:
-            self.precision.step(opt)
+            precision.step(opt)
         opt.zero_grad(set_to_none=True)
         self._window_open = False
 
     def zero_grad(self) -> None:
-        """Drop the gradients of every optimizer (after a batch skipped after its backward, and
-        at the end of each train phase, so an accumulation window cut short leaks into nothing)."""
-        for opt in self.optimizers.values():
-            opt.zero_grad(set_to_none=True)
+        """Drop the gradients of every optimizer, or of the model without one (after a batch
+        skipped after its backward, and at the end of each train phase, so an accumulation
+        window cut short leaks into nothing)."""
+        if self.optimizers:
+            for opt in self.optimizers.values():
+                opt.zero_grad(set_to_none=True)
+        else:  # a step that updates by hand (optimizer=None)
+            self.model.zero_grad(set_to_none=True)
         self._window_open = False
 
     # -- the loop's side: corolux.loop opens and closes the scopes through these ----------------
@@ -357,6 +384,16 @@ class Context:
         self.epoch = epoch
         self.metrics = {}
         self._validation_skipped = False
+        self._epoch_ended = False
+
+    def end_epoch(self) -> None:
+        """For the loop, before ``on_epoch_end``: the epoch's values become what the history
+        holds (a one-element tensor logged with :meth:`log` becomes a float, once)."""
+        metrics = self.metrics
+        for name, value in metrics.items():
+            if isinstance(value, _Tensor):
+                metrics[name] = plain_value(value)
+        self._epoch_ended = True
 
     def begin_phase(self, phase: str, data: Any, num_batches: int | None) -> None:
         """For the loop: a pass over ``data`` (``"train"``, ``"valid"``, ``"predict"``) starts."""
@@ -382,16 +419,13 @@ class Context:
         self._batch_backward = False
 
     def end_batch(self) -> None:
-        """For the loop, before ``on_*_batch_end``: drop the gradients of a batch skipped
-        after its backward, and update the GradScaler once for the batch."""
+        """For the loop, after ``on_*_batch_end``: the batch is over. Drop the gradients of a
+        batch skipped after its backward, and update the GradScaler once for the batch."""
+        self._in_batch = False
         if self.skipped and self._batch_backward:
             self.zero_grad()  # this batch's gradients must not reach the next step
-        if self.scaler is not None:
+        if self.precision.scaler is not None:
             self.precision.update()
-
-    def end_batches(self) -> None:
-        """For the loop: the phase's batches are over (``in_batch`` is false from here)."""
-        self._in_batch = False
 
     # -- records -----------------------------------------------------------------------------
 
@@ -399,8 +433,8 @@ class Context:
         """Record a custom value in this epoch's history (``history[name]``).
 
         A one-element tensor is kept on its device (no sync per call) and becomes a float
-        once per epoch, when the epoch's record is written: at ``on_epoch_end``,
-        ``ctx.metrics`` holds floats, as the history does.
+        once per epoch, when the epoch ends: at ``on_epoch_end``, ``ctx.metrics`` holds
+        floats, as the history does.
         """
         if not isinstance(name, str) or not name:
             raise TypeError(f"log(): name must be a non-empty string, got {name!r}")
@@ -408,15 +442,15 @@ class Context:
             raise ValueError("log(): 'epoch' is reserved for the epoch number; pick another name")
         if isinstance(value, torch.Tensor):
             value = value.detach()
-            if self.history.records and self.history.records[-1] is self.metrics:
-                value = plain_value(value)  # the record is written already (late in on_epoch_end)
+            if self._epoch_ended:
+                value = plain_value(value)  # at on_epoch_end: as the other values are
         self.metrics[name] = value
 
     def commit_epoch(self) -> None:
-        """Write this epoch's metrics into the history, one-element tensors as floats (called
-        once per epoch, at its end, by the MetricsTracker)."""
+        """Write this epoch's metrics into the history (called once per epoch, at its end, by
+        the MetricsTracker)."""
         record: dict[str, Any] = {"epoch": self.epoch}
-        record.update((name, plain_value(value)) for name, value in self.metrics.items())
+        record.update(self.metrics)
         self.metrics = record
         self.history.append(record)
 

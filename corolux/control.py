@@ -80,8 +80,11 @@ class Signals:
     - *requested*: a first Ctrl-C (or ``request()``) asks for a graceful stop; the loop takes
       it at its next stage boundary and raises ``KeyboardInterrupt`` inside itself, where
       the open scope turns it into ``on_interrupt`` and the ends of every open scope.
-    - *stopping*: the graceful stop has begun (:meth:`begin_stop`). From here on, and after
-      a second SIGINT in any state, a Ctrl-C aborts: ``KeyboardInterrupt`` propagates.
+    - *stopping*: the graceful stop has begun (:meth:`begin_stop`). From here on, a Ctrl-C
+      aborts: ``KeyboardInterrupt`` propagates. So does a second one while *requested*
+      (before the loop took the first).
+    - After the run's last stage there is nothing left to stop: a request made there is
+      dropped (the run ran to its end).
 
     Invariant: ``pending`` is true exactly when ``emitted`` is not empty or a stop is
     requested and not yet taken. Only the methods below change these fields.
@@ -111,8 +114,15 @@ class Signals:
         if not self.emitted:
             return None
         stage = self.emitted.popleft()
-        self.pending = bool(self.emitted) or self._requested
+        self._recompute()
         return stage
+
+    def _recompute(self) -> None:
+        # Cleared first, then set again if needed: a SIGINT handler that runs in between sets
+        # it itself, so a request is never lost to a stale read.
+        self.pending = False
+        if self.emitted or self._requested:
+            self.pending = True
 
     # -- Ctrl-C ----------------------------------------------------------------------------
 
@@ -120,11 +130,6 @@ class Signals:
     def aborting(self) -> bool:
         """A Ctrl-C now aborts: the graceful stop has begun, or SIGINT came twice."""
         return self._stopping or self.sigints >= 2
-
-    @property
-    def interrupted(self) -> bool:
-        """The graceful stop of a Ctrl-C has begun."""
-        return self._stopping
 
     def request(self) -> None:
         """Ask for a graceful stop at the loop's next stage boundary (idle -> requested); a
@@ -139,18 +144,19 @@ class Signals:
         if not self._requested:
             return False
         self._requested = False
-        self.pending = bool(self.emitted)
+        self._recompute()
         return True
 
     def keyboard_interrupt(self) -> None:
-        """A callback raised ``KeyboardInterrupt``: request the graceful stop, or, when it
-        aborts, raise it again."""
-        if self.aborting:
+        """A Ctrl-C arrived (a callback raised ``KeyboardInterrupt``, or SIGINT): request the
+        graceful stop; a second one before the loop took the first, or one once the stop
+        has begun, aborts (raises ``KeyboardInterrupt``)."""
+        if self.aborting or self._requested:
             raise KeyboardInterrupt
         self.request()
 
     def sigint(self) -> None:
-        """The body of the SIGINT handler: count it, then request the stop or abort."""
+        """The body of the SIGINT handler: count it, then request the stop, or abort."""
         self.sigints += 1
         self.keyboard_interrupt()
 
@@ -161,7 +167,7 @@ class Signals:
             raise exc
         self._stopping = True
         self._requested = False
-        self.pending = bool(self.emitted)
+        self._recompute()
 
 
 @contextlib.contextmanager

@@ -284,6 +284,11 @@ class Driver:
             except BaseException as exc:
                 self._failed(exc, owners[handlers.index(handler)], slot.stage)
 
+    def discard(self) -> None:
+        """Close the coroutines of a run that never started (they were primed to validate
+        their first stage); nothing else ran, so there is nothing else to clean up."""
+        self._close_coroutines()
+
     def _unknown(self, stage: Any) -> ValueError:
         return ValueError(unknown_stage_message(stage, "the step's yields", self.stages))
 

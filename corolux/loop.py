@@ -7,10 +7,11 @@ it acts on the control signals: ``ctx.stop_reason``, ``ctx.skipped``,
 it checks after every stage, yielded or passed over.
 
 *Passing over*: the stages of a batch named in ``pass_over`` are recorded in ``ctx.stage``
-and not yielded. ``fit()``, which has no consumer, passes over the batch stages that no
-handler listens to, so they cost nothing; since the signals are checked after them as after
-any other stage, handlers see the same run under ``fit()`` as under ``run()``, and only a
-consumer could tell the difference (the grammar property tests drive both).
+and not yielded. ``fit()``, ``evaluate()`` and ``predict()``, which have no consumer, pass
+over the batch stages that no handler listens to, so they cost nothing; since the signals
+are checked after them as after any other stage, handlers see the same run as under
+``run()``, and only a consumer could tell the difference (the grammar property tests drive
+both).
 
 A consumer's ``close()`` arrives as ``GeneratorExit`` at a yield: nothing here catches it,
 so cleanup runs (``with`` blocks, ``finally``) and nothing more is yielded.
@@ -217,16 +218,6 @@ def _stop_for_interrupt(ctx: Context, exc: KeyboardInterrupt) -> None:
     ctx.stop_training("interrupted")
 
 
-def _after_last(ctx: Context) -> Loop:
-    """After the run's last stage no scope is open: deliver what was emitted; a Ctrl-C
-    simply ends the run there (marked interrupted)."""
-    try:
-        yield from _attend(ctx)
-    except KeyboardInterrupt as exc:
-        _stop_for_interrupt(ctx, exc)
-        ctx.history.stop_reason = ctx.stop_reason
-
-
 def _phase(
     ctx: Context,
     phase: str,
@@ -304,7 +295,6 @@ def _phase(
                 if stages is not None:
                     stages.close()  # the step's own cleanup (with blocks) runs before on_interrupt
                 yield from _interrupt(ctx, exc)
-            ctx.end_batch()
             try:
                 ctx.stage = batch_end
                 if yield_end:
@@ -312,25 +302,37 @@ def _phase(
                 if signals.pending:
                     yield from _attend(ctx)
             finally:  # also when a Ctrl-C during *_batch_end ends the phase: this batch is done
+                ctx.end_batch()
                 if outputs is not None and not ctx.skipped:
                     outputs.append(ctx.pred)
-        ctx.end_batches()
         if exhausted and training:
+            ctx.is_last_batch = True  # now known: the data has ended
             yield from _step_open_window(ctx)
+        _settle(ctx)
     except KeyboardInterrupt as exc:
-        ctx.end_batches()
+        _settle(ctx)
         yield from _interrupt(ctx, exc)
+    except BaseException:  # an error, or close(): settle, and let it through
+        _settle(ctx)
+        raise
     if outputs:
         try:
             ctx.predictions = concat(outputs)  # before on_predict_end, interrupted or not
         except KeyboardInterrupt as exc:
             yield from _interrupt(ctx, exc)
-    if training:
-        ctx.zero_grad()  # an accumulation window cut short (stop, Ctrl-C) leaks into nothing
     ctx.stage = end
     yield end
-    if last and signals.pending:
-        yield from _after_last(ctx)
+    if last:
+        ctx.signals.take_interrupt()  # the run's last stage: nothing is left to stop
+
+
+def _settle(ctx: Context) -> None:
+    """At a phase's end, in every outcome: a step cut short before its batch's end leaves
+    the GradScaler ready for the next one, and an accumulation window cut short (stop,
+    Ctrl-C, error) leaks into nothing."""
+    ctx.precision.update()
+    if ctx.training:
+        ctx.zero_grad()
 
 
 def _checked_step(step: Step, allowed: Mapping[str, str], begin: Stage, ctx: Context) -> Loop:
@@ -341,16 +343,20 @@ def _checked_step(step: Step, allowed: Mapping[str, str], begin: Stage, ctx: Con
         raise _not_a_generator(step, stages)
     with contextlib.closing(stages):  # a skip or Ctrl-C closing this closes the step too
         for stage in stages:
-            known = allowed.get(stage)
+            try:
+                known = allowed.get(stage)
+            except TypeError:  # unhashable: a list, a dict...
+                known = None
             if known is None:
                 raise _bad_step_stage(stage, begin, allowed)
             yield known
 
 
 def _count_step(ctx: Context) -> None:
-    """At ``on_train_batch_after_step``: ``ctx.step`` counts here (and, for a window stepped
-    when the data ends, in _step_open_window) and nowhere else; reaching ``max_steps`` stops
-    training, after the epoch when it is the epoch's last batch."""
+    """At ``on_train_batch_after_step``: ``ctx.step`` counts here and nowhere else; reaching
+    ``max_steps`` stops training, after the epoch when it is the epoch's last batch (without
+    a length that is known only when the data has ended: a stop on its last batch cuts the
+    epoch short)."""
     ctx.step += 1
     if ctx.max_steps is not None and ctx.step >= ctx.max_steps and not ctx.is_last_batch:
         ctx.stop_training("max_steps")
@@ -367,7 +373,7 @@ def _step_open_window(ctx: Context) -> Loop:
         ctx.opt_name, ctx.opt = name, opt
         yield from _at(ctx, TRAIN_BEFORE_STEP)
         ctx.step_optimizer(opt)
-        ctx.step += 1  # at the epoch's end: max_steps is checked after the epoch
+        _count_step(ctx)
         yield from _at(ctx, TRAIN_AFTER_STEP)
     ctx.precision.update()
 
@@ -430,14 +436,14 @@ def fit_loop(
                         ctx.stop_training("max_steps")  # reached on the epoch's last batch
             except KeyboardInterrupt as exc:
                 yield from _interrupt(ctx, exc)
+            ctx.end_epoch()
             yield from _at(ctx, Stage.on_epoch_end)
     except KeyboardInterrupt as exc:
         yield from _interrupt(ctx, exc)
     history.stop_reason = ctx.stop_reason
     ctx.stage = Stage.on_fit_end
     yield Stage.on_fit_end
-    if signals.pending:
-        yield from _after_last(ctx)
+    signals.take_interrupt()  # the run's last stage: nothing is left to stop (ctx.emit refuses it)
 
 
 def evaluate_loop(

@@ -337,24 +337,29 @@ class LossTracker:
         self._count = 0
 
     def update(self, loss: torch.Tensor, size: int) -> None:
-        if size != self._size:
+        if size != self._size:  # the first batch, or a new batch size: also check the loss
             self._fold()
             self._size = size
+            _check_loss(loss)
         losses = self._losses
         try:
             losses.append(loss.detach())
         except AttributeError:  # not a tensor; the try costs nothing on the normal path
-            raise ValueError(
-                f"the loss must be a scalar tensor, got {type(loss).__name__} {loss!r}; when "
-                "changing ctx.loss, assign a tensor (e.g. ctx.loss = ctx.loss * 0, not 0.0), or "
-                "call ctx.skip_batch() to leave the batch out of the metrics"
-            ) from None
+            _check_loss(loss)
+            raise
         if len(losses) >= self.fold_every:
             self._fold()
 
     def _fold(self) -> None:
         if self._losses:
-            self._total = self._total + torch.stack(self._losses).float().sum() * self._size
+            try:
+                stacked = torch.stack(self._losses)
+            except RuntimeError:  # the shapes differ
+                stacked = None
+            if stacked is None or stacked.ndim != 1:  # a non-scalar loss after the first batch
+                for loss in self._losses:
+                    _check_loss(loss)
+            self._total = self._total + stacked.float().sum() * self._size
             self._count += self._size * len(self._losses)
             self._losses.clear()
 
@@ -368,6 +373,22 @@ class LossTracker:
         if self._count == 0:
             return math.nan
         return float(self._total) / self._count  # sync-ok: once per phase
+
+
+def _check_loss(loss: Any) -> None:
+    """Raise the error for a loss that is not a scalar tensor (a value assigned to ``ctx.loss``)."""
+    if not isinstance(loss, torch.Tensor):
+        got = f"{type(loss).__name__} {loss!r}"
+    elif loss.ndim != 0:
+        got = f"shape {tuple(loss.shape)} (one value per sample?)"
+    else:
+        return
+    raise ValueError(
+        f"the loss must be a scalar tensor, got {got} in ctx.loss at the batch's end; when "
+        "changing ctx.loss, assign a scalar tensor (e.g. ctx.loss = ctx.loss * 0, not 0.0; "
+        "reduce a per-sample loss with .mean()), or call ctx.skip_batch() to leave the batch "
+        "out of the metrics"
+    ) from None
 
 
 def metric_name(metric: Any) -> str:

@@ -4,6 +4,7 @@ GradScaler's scaling, unscaling, stepping and its once-per-batch ``update()``.""
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -65,7 +66,7 @@ class Precision:
             self.scaler = torch.amp.GradScaler(device.type)
         self._unscaled: set[int] = set()
         self._stepped = False
-        self._hooked: dict[int, Any] = {}  # id(optimizer) -> its step post-hook handle
+        self._hooked: weakref.WeakKeyDictionary[torch.optim.Optimizer, Any] = weakref.WeakKeyDictionary()
         self._ran = True  # the optimizer's own step() ran in the last step()
         self._found_inf: torch.Tensor | None = None  # a fused optimizer's own skip flag
 
@@ -87,8 +88,8 @@ class Precision:
         if scaler is None:
             opt.step()
             return
-        if id(opt) not in self._hooked:
-            self._hooked[id(opt)] = opt.register_step_post_hook(self._optimizer_stepped)
+        if opt not in self._hooked:  # its step post-hook tells whether it ran
+            self._hooked[opt] = opt.register_step_post_hook(self._optimizer_stepped)
         self._ran = False
         self._found_inf = None
         scaler.step(opt)
@@ -109,9 +110,9 @@ class Precision:
         return self._found_inf is not None and bool(self._found_inf)  # sync-ok: only when read
 
     def update(self) -> None:
-        """Update the GradScaler's scale once, after every optimizer of the batch stepped; a
-        no-op when nothing stepped since the last update."""
-        if self._stepped:
+        """Update the GradScaler's scale once, after every optimizer of the batch stepped (or
+        was unscaled, then skipped); a no-op when neither happened since the last update."""
+        if self._stepped or self._unscaled:
             self.scaler.update()  # type: ignore[union-attr]
             self._stepped = False
             self._unscaled.clear()

@@ -149,6 +149,7 @@ class Trainer:
         #: The history of the latest fit/run.
         self.history = History()
         self._open_run: weakref.ref[Generator[Event, None, None]] | None = None
+        self._open_driver: weakref.ref[Driver] | None = None
 
     # -- overridable steps ---------------------------------------------------------------------
 
@@ -289,6 +290,12 @@ class Trainer:
         max_steps: int | None,
     ) -> tuple[Driver, MakeLoop]:
         self._check_idle()
+        if not self.optimizers and self.scaler is not None:
+            raise ValueError(
+                "precision='16-mixed' scales the loss for a GradScaler, which unscales and steps "
+                "an optimizer; with optimizer=None (a step that updates by hand) use "
+                "precision='bf16-mixed' or '32', or give an optimizer"
+            )
         if not self.optimizers and not self._steps["train"][1]:
             raise ValueError(
                 "fit() needs an optimizer for the default train step: Trainer(model, "
@@ -405,14 +412,20 @@ class Trainer:
     # -- driving -------------------------------------------------------------------------------
 
     def _check_idle(self) -> None:
-        """A run that was created but never started is discarded (closed); a started one
-        that is still open is an error naming how to close it."""
+        """A run that was created but never started is discarded; a started one that is
+        still open is an error naming how to close it."""
         gen: Any = self._open_run() if self._open_run is not None else None
         if gen is None or gen.gi_frame is None:
             return
         if inspect.getgeneratorstate(gen) == inspect.GEN_CREATED:
-            gen.close()  # never started: nothing ran, nothing to clean up
+            self.close_run()  # never started: its coroutines are closed, nothing else ran
             return
+        if gen.gi_running:
+            raise RuntimeError(
+                "a run of this trainer is executing: evaluate(), predict() or fit() called from "
+                "one of its own callbacks cannot start a second run of the same trainer; build "
+                "another corolux.Trainer over the same model for it"
+            )
         raise RuntimeError(
             "this trainer already has an open run (started, not finished): finish it, or close it "
             "with trainer.close_run() (for a stepper, s.close()) before starting another"
@@ -422,15 +435,20 @@ class Trainer:
         """Close this trainer's open run, if any, as ``gen.close()`` would: nothing more is
         yielded, cleanup runs (teardown, progress bars, files). A no-op without one."""
         gen: Any = self._open_run() if self._open_run is not None else None
-        self._open_run = None
-        if gen is not None:
-            gen.close()
+        driver = self._open_driver() if self._open_driver is not None else None
+        self._open_run = self._open_driver = None
+        if gen is None:
+            return
+        if inspect.getgeneratorstate(gen) == inspect.GEN_CREATED and driver is not None:
+            driver.discard()  # close() of a generator that never ran runs none of its cleanup
+        gen.close()
 
     def _start(
         self, driver: Driver, make_loop: MakeLoop, *, consumer: bool = True
     ) -> Generator[Event, None, None]:
         gen = driver.start(make_loop, consumer=consumer)
         self._open_run = weakref.ref(gen)
+        self._open_driver = weakref.ref(driver)
         return gen
 
     def _drive(self, driver: Driver, make_loop: MakeLoop) -> None:

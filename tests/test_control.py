@@ -863,3 +863,127 @@ def test_emit_unknown_stage_is_rejected_with_a_suggestion() -> None:
         trainer.fit(
             batches(), epochs=1, callbacks=[at("on_epoch_end", lambda ctx: ctx.emit("on_early_stoping"))]
         )
+
+
+# -- review findings: each fails on the code before its fix ---------------------------------------
+
+
+def test_two_ctrl_c_in_handlers_before_the_loop_acts_abort():
+    class CtrlC(corolux.Callback):
+        def on_train_batch_end(self, ctx: Any) -> None:
+            if ctx.iter == 1:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        for _ in make_trainer().run(make_batches(3, 2), epochs=1, callbacks=[CtrlC(), CtrlC()]):
+            pass
+
+
+def test_a_request_at_the_last_stage_leaves_the_run_complete():
+    at_end = at("on_fit_end", lambda ctx: ctx.request_interrupt())
+    history = make_trainer().fit(make_batches(2, 2), epochs=2, callbacks=[at_end])
+    assert history.interrupted is False and history.stop_reason is None and len(history) == 2
+
+
+def test_emit_at_the_runs_last_stage_is_refused():
+    emit = at("on_fit_end", lambda ctx: ctx.emit("on_early_stopping"))
+    with pytest.raises(RuntimeError, match="the run's last stage: no event comes after it"):
+        make_trainer().fit(make_batches(2, 2), epochs=1, callbacks=[emit])
+
+
+def test_an_error_while_fetching_the_next_batch_is_not_blamed_on_the_step():
+    seen: dict[str, Any] = {}
+
+    class Data:
+        def __iter__(self):
+            yield make_batches(1, 2)[0]
+            raise OSError("corrupt file")
+
+    look = corolux.callback(
+        "look",
+        on_train_batch_end=lambda self, ctx: seen.setdefault("at_end", ctx.in_batch),
+        on_exception=lambda self, ctx: seen.setdefault("at_exception", ctx.in_batch),
+    )()
+    with pytest.raises(OSError) as info:
+        make_trainer().fit(Data(), epochs=1, callbacks=[look])
+    assert seen == {"at_end": True, "at_exception": False}
+    assert "raised in the loop after 'on_train_batch_end' (epoch 1, batch 1)" in info.value.__notes__
+
+
+@pytest.mark.parametrize("where", ["end_batch", "phase_end"])
+def test_a_ctrl_c_in_the_loops_own_work_keeps_every_begin_matched(where, monkeypatch):
+    # Under run() a real Ctrl-C can land in the loop's code between two stages.
+    original = {"end_batch": corolux.Context.end_batch, "phase_end": corolux.Context.zero_grad}[where]
+    armed = {"n": 0}
+
+    def interrupting(self: Any) -> None:
+        armed["n"] += 1
+        if armed["n"] == 1:  # the first batch's end, or the train phase's end
+            raise KeyboardInterrupt
+        original(self)
+
+    monkeypatch.setattr(corolux.Context, "end_batch" if where == "end_batch" else "zero_grad", interrupting)
+    stream = [str(e.stage) for e in make_trainer().run(make_batches(2, 2), epochs=1)]
+    check_structure(stream, complete=True)
+    assert "on_interrupt" in stream
+
+
+def test_a_never_started_run_has_its_coroutines_closed_when_discarded():
+    log: list[str] = []
+
+    @corolux.coroutine
+    def holder():  # type: ignore[no-untyped-def]
+        log.append("opened")
+        try:
+            while True:
+                yield "on_epoch_end"
+        finally:
+            log.append("closed")
+
+    trainer = make_trainer()
+    kept = trainer.run(make_batches(1, 2), epochs=1, callbacks=[holder()])  # as the REPL's `_`
+    trainer.fit(make_batches(1, 2), epochs=1, callbacks=[holder()])
+    assert log == ["opened", "closed", "opened", "closed"] and kept is not None
+
+
+def test_evaluate_from_a_callback_of_the_same_trainer_says_to_use_another_trainer():
+    trainer = make_trainer()
+    nested = at("on_epoch_end", lambda ctx: trainer.evaluate(make_batches(1, 2)))
+    with pytest.raises(RuntimeError, match="build another corolux.Trainer over the same model"):
+        trainer.fit(make_batches(2, 2), epochs=1, callbacks=[nested])
+
+
+def test_skip_at_the_open_window_step_says_what_that_step_is():
+    class Unsized:
+        def __iter__(self):
+            yield from make_batches(3, 2)
+
+    accumulate = at("on_fit_begin", lambda ctx: setattr(ctx, "accumulate_steps", 2))
+    skip = at("on_train_batch_before_step", lambda ctx: ctx.skip_batch() if not ctx.in_batch else None)
+    with pytest.raises(RuntimeError, match="window left open when the data ended .* ctx.zero_grad"):
+        make_trainer().fit(Unsized(), epochs=1, callbacks=[accumulate, skip])
+
+
+def test_a_batch_skipped_after_a_hand_written_backward_leaks_no_gradient():
+    grads: list[bool] = []
+
+    def by_hand(ctx: Any) -> Any:
+        grads.append(ctx.model.weight.grad is None)
+        ctx.pred = ctx.model(ctx.input)
+        ctx.loss = torch.nn.functional.mse_loss(ctx.pred, ctx.target)
+        yield "on_train_batch_after_loss"
+        ctx.backward(ctx.loss)
+        yield "on_train_batch_before_step"
+        with torch.no_grad():
+            for p in ctx.model.parameters():
+                p.add_(-0.1 * p.grad)
+                p.grad = None
+        yield "on_train_batch_after_step"
+
+    skip = at("on_train_batch_before_step", lambda ctx: ctx.skip_batch(), it=1)
+    model = torch.nn.Linear(3, 1)
+    trainer = corolux.Trainer(
+        model, loss_fn=torch.nn.functional.mse_loss, train_step=by_hand, device="cpu", progress=False
+    )
+    trainer.fit(make_batches(3, 2), epochs=1, callbacks=[skip])
+    assert grads == [True, True, True]

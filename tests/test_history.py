@@ -352,3 +352,19 @@ def test_evaluate_returns_a_logged_tensor_as_a_float():
     )()
     results = trainer_for().evaluate((x, y), callbacks=[at_end])
     assert type(results["norm"]) is float and type(results["loss"]) is float
+
+
+def test_a_value_logged_before_the_epoch_ends_is_a_float_for_every_on_epoch_end_handler():
+    seen: list[Any] = []
+
+    class Early(corolux.Callback):
+        weight = -200  # before the MetricsTracker writes the record
+
+        def on_train_end(self, ctx):
+            ctx.log("norm", ctx.model.weight.detach().norm())
+
+        def on_epoch_end(self, ctx):
+            seen.append(type(ctx.metrics["norm"]))
+
+    fit(2, callbacks=[Early()])
+    assert seen == [float, float]

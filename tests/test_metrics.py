@@ -539,3 +539,28 @@ def test_every_builtin_named_in_design_exists(cls, name, higher):
         metric = metric_cls()
     assert metric.name == name
     assert metric.higher_is_better is higher
+
+
+@pytest.mark.parametrize("phase", ["train", "valid"])
+def test_a_per_sample_loss_assigned_to_ctx_loss_is_refused(phase):
+    x, y = iris()
+    per_sample = corolux.callback(
+        "per_sample",
+        **{
+            f"on_{phase}_batch_after_loss": lambda self, ctx: setattr(
+                ctx, "loss", F.cross_entropy(ctx.pred, ctx.target, reduction="none")
+            )
+        },
+    )()
+    trainer = corolux.Trainer(
+        torch.nn.Linear(4, 3),
+        loss_fn=F.cross_entropy,
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+        device="cpu",
+        progress=False,
+    )
+    with pytest.raises(ValueError, match=r"the loss must be a scalar tensor, got shape \(50,\)"):
+        if phase == "valid":
+            trainer.evaluate((x, y), batch_size=50, callbacks=[per_sample])
+        else:
+            trainer.fit((x, y), batch_size=50, callbacks=[per_sample])

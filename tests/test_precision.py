@@ -139,3 +139,61 @@ def test_unknown_precision_is_a_value_error_listing_the_choices():
         ValueError, match=r"precision must be one of '32', 'bf16-mixed', '16-mixed', got 'fp8'"
     ):
         Precision("fp8", torch.device("cpu"))
+
+
+def test_a_batch_skipped_after_unscaling_leaves_the_next_step_true_gradients():
+    # "Clip, and skip the batch if the gradients are bad": the unscaled optimizer must not
+    # carry its unscaled state into the next batch (whose gradients are scaled again).
+    norms: dict[str, list[float]] = {}
+    for precision in ("32", "16-mixed"):
+        seen = norms.setdefault(precision, [])
+
+        class ClipOrSkip(corolux.Callback):
+            def on_train_batch_before_step(self, ctx, seen=seen):
+                ctx.unscale_gradients()
+                seen.append(round(grad_norm(ctx.model), 3))
+                if ctx.iter == 1:
+                    ctx.skip_batch()
+
+        t = trainer(precision, optimizer=lambda p: torch.optim.SGD(p, lr=0.0))  # lr 0: same batches
+        t.fit(iris(), epochs=1, batch_size=50, callbacks=[ClipOrSkip()])
+    assert norms["16-mixed"] == pytest.approx(norms["32"], rel=1e-2)
+
+
+@pytest.mark.parametrize("how", ["close", "error"])
+def test_a_run_cut_short_between_step_and_update_leaves_the_scaler_usable(how):
+    t = trainer()
+    if how == "close":
+        for event in t.run(iris(), epochs=1, batch_size=50):
+            if event.stage == "on_train_batch_after_step":
+                break
+    else:
+        boom = corolux.callback("boom", on_train_batch_after_step=lambda self, ctx: 1 / 0)()
+        with pytest.raises(ZeroDivisionError):
+            t.fit(iris(), epochs=1, batch_size=50, callbacks=[boom])
+    assert len(t.fit(iris(), epochs=1, batch_size=50)) == 1  # not "step() has already been called"
+
+
+def test_16_mixed_with_a_hand_written_update_is_refused():
+    def by_hand(ctx):
+        ctx.pred = ctx.model(ctx.input)
+        ctx.loss = F.cross_entropy(ctx.pred, ctx.target)
+        yield "on_train_batch_after_loss"
+        ctx.backward(ctx.loss)
+
+    t = trainer("16-mixed", optimizer=None, train_step=by_hand)
+    with pytest.raises(ValueError, match="with optimizer=None .* use precision='bf16-mixed'"):
+        t.fit(iris())
+
+
+def test_ctx_scaler_is_the_precisions_and_read_only():
+    seen = []
+
+    def look(ctx):
+        seen.append(ctx.scaler is ctx.precision.scaler)
+        with pytest.raises(AttributeError):
+            ctx.scaler = None
+
+    at = corolux.callback("at", on_fit_begin=lambda self, ctx: look(ctx))()
+    trainer().fit(iris(), callbacks=[at])
+    assert seen == [True]
