@@ -47,10 +47,9 @@ class Context:
     """
 
     # Invariant (only the methods of this class write the private fields):
-    #   _in_batch            from begin_batch() to end_batch() (after on_*_batch_end)
-    #   _batch_backward      a backward ran in the current batch (begin_batch() clears it)
-    #   _window_open         a backward ran since an optimizer last stepped (backward() sets it;
-    #                        step_optimizer() and zero_grad() clear it)
+    #   _in_batch            from begin_batch() until the next one, or end_batches() (the
+    #                        phase's batches are over, or fetching the next one failed)
+    #   _backward_iter       the iter of this phase's last backward (begin_phase() clears it)
     #   _validation_skipped  skip_validation() was given this epoch (begin_epoch() clears it)
     #   _epoch_ended         end_epoch() ran: the epoch's values are floats (begin_epoch() clears it)
     #   _params              per optimizer, the parameters its backward reaches (several only)
@@ -98,8 +97,7 @@ class Context:
         "stages",
         "signals",
         "_in_batch",
-        "_batch_backward",
-        "_window_open",
+        "_backward_iter",
         "_validation_skipped",
         "_epoch_ended",
         "_params",
@@ -177,8 +175,7 @@ class Context:
         #: Emitted stages and Ctrl-C, which the loop acts on after each stage.
         self.signals = Signals()
         self._in_batch = False
-        self._batch_backward = False
-        self._window_open = False
+        self._backward_iter = 0
         self._validation_skipped = False
         self._epoch_ended = False
         self._params: dict[int, list[torch.Tensor]] = {}
@@ -198,8 +195,8 @@ class Context:
     @property
     def in_batch(self) -> bool:
         """True at the stages of a batch, from ``on_*_batch_begin`` to ``on_*_batch_end``
-        (``ctx.batch``, ``input``, ``target``, ``pred`` and ``loss`` are this batch's); false
-        between batches, while the next one is fetched."""
+        (``ctx.batch``, ``input``, ``target``, ``pred`` and ``loss`` are this batch's), and
+        false outside batches (an error while fetching the next batch is outside them)."""
         return self._in_batch
 
     @property
@@ -209,9 +206,15 @@ class Context:
 
     @property
     def gradients_pending(self) -> bool:
-        """True when a backward ran since the optimizer last stepped (a gradient-accumulation
-        window is open)."""
-        return self._window_open
+        """True when gradients wait for an optimizer step (a gradient-accumulation window is
+        open): a parameter has a ``.grad``, which stepping and zeroing set to None. No sync."""
+        if self.optimizers:
+            params: Any = (
+                p for opt in self.optimizers.values() for g in opt.param_groups for p in g["params"]
+            )
+        else:
+            params = self.model.parameters()
+        return any(p.grad is not None for p in params)
 
     @property
     def step_skipped(self) -> bool:
@@ -298,7 +301,6 @@ class Context:
         Raises:
             ValueError: ``loss`` is not a scalar tensor (e.g. a float assigned to ``ctx.loss``).
         """
-        given = loss
         try:
             if self.accumulate_steps != 1:
                 loss = loss / self._window_size()
@@ -317,13 +319,12 @@ class Context:
             else:
                 loss.backward()
         except (AttributeError, TypeError, RuntimeError):
-            problem = loss_problem(given)
+            problem = loss_problem(loss)  # the value given (divided, for accumulation)
             if problem is None:
                 raise
             where = f"ctx.loss at {str(self.stage)!r}, where it is backpropagated"
             raise ValueError(f"{problem} ({where})") from None
-        self._batch_backward = True
-        self._window_open = True
+        self._backward_iter = self.iter
 
     def _window_size(self) -> int:
         """The number of batches whose gradients this batch's step sums: ``accumulate_steps``,
@@ -364,7 +365,6 @@ class Context:
         else:
             precision.step(opt)
         opt.zero_grad(set_to_none=True)
-        self._window_open = False
 
     def zero_grad(self) -> None:
         """Drop the gradients of every optimizer, or of the model without one (after a batch
@@ -375,7 +375,6 @@ class Context:
                 opt.zero_grad(set_to_none=True)
         else:  # a step that updates by hand (optimizer=None)
             self.model.zero_grad(set_to_none=True)
-        self._window_open = False
 
     # -- the loop's side: corolux.loop opens and closes the scopes through these ----------------
 
@@ -404,6 +403,7 @@ class Context:
         self.iter = 0
         self.is_last_batch = False
         self._in_batch = False
+        self._backward_iter = 0
 
     def begin_batch(self, batch: Any, input: Any, target: Any) -> None:
         """For the loop: the next batch (``iter`` + 1) starts; the last one's pred, loss and
@@ -416,16 +416,21 @@ class Context:
         self.pred = self.loss = None
         self.skipped = False
         self._in_batch = True
-        self._batch_backward = False
 
     def end_batch(self) -> None:
-        """For the loop, after ``on_*_batch_end``: the batch is over. Drop the gradients of a
-        batch skipped after its backward, and update the GradScaler once for the batch."""
-        self._in_batch = False
-        if self.skipped and self._batch_backward:
+        """For the loop, before ``on_*_batch_end``: drop the gradients of a batch skipped
+        after its backward, and update the GradScaler once for the batch. Only those two
+        cases have work here: the loop calls it after a skipped batch, or for every batch
+        when there is a GradScaler (``ctx.precision.scaler``)."""
+        if self.skipped and self._backward_iter == self.iter:
             self.zero_grad()  # this batch's gradients must not reach the next step
         if self.precision.scaler is not None:
             self.precision.update()
+
+    def end_batches(self) -> None:
+        """For the loop: the phase's batches are over (or the data failed while the next one
+        was fetched): ``in_batch`` is false from here."""
+        self._in_batch = False
 
     # -- records -----------------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 signals; exception notes; setup and teardown.
 
 The driver wraps the loop generator. For each stage the loop yields, it delivers the stage
-(:meth:`Driver._deliver`: count it, merge in the coroutines due, run the handlers in
+(in :meth:`Driver.events`: count it, merge in the coroutines due, run the handlers in
 ``(weight, position)`` order, note errors), then yields the ``Event`` to the consumer.
 Every stage goes through that one path: the loop's ordinary stages, the stages callbacks
 emit and ``on_interrupt`` (the loop yields those too) and ``on_exception`` (the driver's
@@ -41,9 +41,12 @@ def _display(cb: Any) -> str:
     return cb.name if isinstance(cb, CoroutineCallback) else type(cb).__name__
 
 
-def check_callbacks(callbacks: Sequence[Any], stages: Collection[str]) -> None:
+def check_callbacks(
+    callbacks: Sequence[Any], stages: Collection[str]
+) -> list[dict[str, Callable[[Context], Any]] | None]:
     """Reject what cannot be a callback, bad weights and unknown ``on_*`` names, before the
-    first event."""
+    first event; return each class callback's handlers by stage (None for a coroutine)."""
+    found: list[dict[str, Callable[[Context], Any]] | None] = []
     for cb in callbacks:
         if isinstance(cb, type):
             raise TypeError(f"callbacks: got the class {cb.__name__}; pass an instance: {cb.__name__}(...)")
@@ -60,8 +63,10 @@ def check_callbacks(callbacks: Sequence[Any], stages: Collection[str]) -> None:
                 weight_of(cb, stage)  # raises TypeError for a non-numeric value
         weight_of(cb, "on_fit_begin")  # raises TypeError for a non-numeric weight
         if isinstance(cb, CoroutineCallback):
+            found.append(None)
             continue
         names = handlers_of(cb)
+        found.append(names)
         if not names and not any(hasattr(cb, m) for m in ("setup", "teardown")):
             raise TypeError(
                 f"callbacks: {cb!r} ({type(cb).__name__}) defines no on_<stage> method, setup "
@@ -70,6 +75,7 @@ def check_callbacks(callbacks: Sequence[Any], stages: Collection[str]) -> None:
         for name in names:
             if name not in stages:
                 raise ValueError(unknown_stage_message(name, f"{type(cb).__name__}.{name}", stages))
+    return found
 
 
 class _Coroutine:
@@ -136,7 +142,7 @@ class _Slot:
         self.counting = counting  # the run has coroutines, which may wait on filters
         self.watched = counting
         # The class handlers and the wakers of the waiting coroutines, in (weight, position)
-        # order, and the callback of each (for error notes): what _deliver runs.
+        # order, and the callback of each (for error notes): what the delivery runs.
         self.handlers: tuple[Callable[[Context], Any], ...] = ()
         self.owners: tuple[Any, ...] = ()
 
@@ -154,12 +160,13 @@ class _Slot:
         return self.merged(coroutines)
 
     def merged(
-        self, coroutines: Iterable[_Coroutine]
+        self, coroutines: Collection[_Coroutine]
     ) -> tuple[tuple[Callable[[Context], Any], ...], tuple[Any, ...]]:
         """The class handlers with ``coroutines`` merged in by (weight, position)."""
-        merged = list(self.entries)
-        merged.extend((co.weight(self.stage), co.position, co.waker(self), co.cb) for co in coroutines)
-        merged.sort(key=_ORDER)
+        merged = list(self.entries)  # sorted already
+        if coroutines:
+            merged.extend((co.weight(self.stage), co.position, co.waker(self), co.cb) for co in coroutines)
+            merged.sort(key=_ORDER)
         return tuple(e[2] for e in merged), tuple(e[3] for e in merged)
 
 
@@ -170,7 +177,7 @@ class Driver:
     """
 
     def __init__(self, ctx: Context, callbacks: Sequence[Any], stages: Collection[str]) -> None:
-        check_callbacks(callbacks, stages)
+        handlers = check_callbacks(callbacks, stages)
         self.ctx = ctx
         self.stages = frozenset(stages)
         order = sorted(range(len(callbacks)), key=lambda i: (weight_of(callbacks[i], "on_fit_begin"), i))
@@ -181,13 +188,13 @@ class Driver:
         self.slots: dict[str, _Slot] = {stage: _Slot(stage, ctx, counting) for stage in stages}
         entries: dict[str, list[Entry]] = {}
         coroutines: list[tuple[_Coroutine, Any]] = []
-        for position, cb in enumerate(callbacks):
-            if isinstance(cb, CoroutineCallback):
+        for position, (cb, found) in enumerate(zip(callbacks, handlers, strict=True)):
+            if found is None:  # a coroutine
                 gen, first = cb.start()
                 if first is not None:
                     coroutines.append((_Coroutine(cb, gen, position, self._wake), first))
                 continue
-            for name, handler in handlers_of(cb).items():
+            for name, handler in found.items():
                 entries.setdefault(name, []).append((weight_of(cb, name), position, handler, cb))
         for name, items in entries.items():
             items.sort(key=_ORDER)
@@ -228,35 +235,45 @@ class Driver:
         try:
             self._call_each("setup")
             loop = make_loop(pass_over)
-            for stage in loop:
+            stages: Iterable[str] = loop
+            while True:
                 try:
-                    slot = slots[stage]
-                except KeyError:
-                    raise self._unknown(stage) from None
-                if slot.watched:
-                    self._deliver(slot)
-                if consumer:
-                    yield slot.event
-        except Exception as exc:
-            if exc is not self._annotated and ctx.stage is not None:
-                where = f"the {ctx.phase} step" if ctx.in_batch else "the loop"
-                exc.add_note(
-                    f"raised in {where} after {str(ctx.stage)!r} (epoch {ctx.epoch}, batch {ctx.iter})"
-                )
-            ctx.exception = exc
-            ctx.stage = Stage.on_exception  # the driver's own stage: the loop has ended
-            slot = slots[Stage.on_exception]
-            if slot.watched:
-                try:
-                    self._deliver(slot)
-                except Exception as nested:
-                    exc.add_note(f"and while handling it, on_exception raised {nested!r}")
-            escaping = exc
-            if consumer:
-                yield slot.event
-            raise
+                    # The one delivery path, written out because it is the hot path: every
+                    # stage the loop yields goes through here, and on_exception after it.
+                    for stage in stages:
+                        try:
+                            slot = slots[stage]
+                        except KeyError:
+                            raise self._unknown(stage) from None
+                        if slot.watched:
+                            handlers, owners = slot.handlers, slot.owners
+                            if slot.counting:  # a run with coroutines counts, for every()
+                                slot.count += 1
+                                if slot.count >= slot.next_due:
+                                    handlers, owners = slot.due()
+                            for handler in handlers:
+                                try:
+                                    handler(ctx)
+                                except BaseException as exc:
+                                    self._failed(exc, owners[handlers.index(handler)], stage)
+                        if consumer:
+                            yield slot.event
+                    break
+                except Exception as exc:
+                    if escaping is None:  # the loop, a step or a handler failed
+                        escaping = exc
+                        self._note_escaping(exc)
+                        stages = (Stage.on_exception,)  # delivered as any stage, then raised
+                        continue
+                    escaping.add_note(f"and while handling it, on_exception raised {exc!r}")
+                    if consumer:
+                        yield slots[Stage.on_exception].event
+                    break
+            if escaping is not None:
+                raise escaping
         except BaseException as exc:  # KeyboardInterrupt (abort), GeneratorExit (close)
-            escaping = exc
+            if escaping is None:
+                escaping = exc
             raise
         finally:
             if loop is not None:
@@ -266,23 +283,15 @@ class Driver:
             self._close_coroutines()
             self._call_each("teardown", escaping)
 
-    def _deliver(self, slot: _Slot) -> None:
-        """Deliver ``slot``'s stage: count it (in runs with coroutines, for ``every``),
-        merge in the coroutines whose filters are due, and run the handlers and waiting
-        coroutines in (weight, position) order; a handler's signal, Ctrl-C or error is
-        handled by :meth:`_failed`."""
-        __tracebackhide__ = True
-        handlers, owners = slot.handlers, slot.owners
-        if slot.counting:
-            slot.count += 1
-            if slot.count >= slot.next_due:
-                handlers, owners = slot.due()
+    def _note_escaping(self, exc: Exception) -> None:
+        """An error escapes the loop: note where it was raised (unless a handler's note says
+        so already), and make it ``ctx.exception`` for the ``on_exception`` handlers."""
         ctx = self.ctx
-        for handler in handlers:
-            try:
-                handler(ctx)
-            except BaseException as exc:
-                self._failed(exc, owners[handlers.index(handler)], slot.stage)
+        if exc is not self._annotated and ctx.stage is not None:
+            where = f"the {ctx.phase} step" if ctx.in_batch else "the loop"
+            exc.add_note(f"raised in {where} after {str(ctx.stage)!r} (epoch {ctx.epoch}, batch {ctx.iter})")
+        ctx.exception = exc
+        ctx.stage = Stage.on_exception  # the driver's own stage: the loop has ended
 
     def discard(self) -> None:
         """Close the coroutines of a run that never started (they were primed to validate

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable, Collection, Container, Generator, Iterable, Mapping
 from typing import Any
 
@@ -141,7 +142,7 @@ def train_step(ctx: Context) -> Generator[Stage, None, None]:
             ctx.losses[name] = ctx.loss.detach()
         yield TRAIN_BEFORE_BACKWARD
         ctx.backward(ctx.loss)
-        if not ctx.accumulating:
+        if ctx.accumulate_steps == 1 or not ctx.accumulating:  # (no property call in the common case)
             yield TRAIN_BEFORE_STEP
             ctx.step_optimizer(opt)
             yield TRAIN_AFTER_STEP
@@ -246,6 +247,8 @@ def _phase(
     device = ctx.device
     move = device.type != "cpu"  # on the CPU a batch is used as it comes
     signals = ctx.signals
+    max_steps = math.inf if ctx.max_steps is None else ctx.max_steps
+    settle = ctx.precision.scaler is not None  # each batch's GradScaler update (ctx.end_batch)
     yield_begin = batch_begin not in pass_over
     yield_end = batch_end not in pass_over
     exhausted = False
@@ -257,7 +260,11 @@ def _phase(
         # draws interleave with the step's as in `for x, y in loader:`). On CUDA the copy is
         # non-blocking and kernels are asynchronous, so the CPU still runs ahead.
         while ctx.stop_reason is None:  # a stop at *_begin runs no batch
-            batch = next(iterator, _END)
+            try:
+                batch = next(iterator, _END)
+            except BaseException:  # the data failed (or Ctrl-C): the last batch is over
+                ctx.end_batches()
+                raise
             if batch is _END:
                 if ctx.iter == 0:
                     raise ValueError(f"the {phase} data yielded no batches; pass at least one batch")
@@ -280,8 +287,10 @@ def _phase(
                 if not ctx.skipped:
                     stages = step(ctx)
                     for stage in stages:
-                        if stage is TRAIN_AFTER_STEP:
-                            _count_step(ctx)
+                        if stage is TRAIN_AFTER_STEP:  # ctx.step counts here, and only here in a batch
+                            ctx.step = count = ctx.step + 1
+                            if count >= max_steps and not ctx.is_last_batch:
+                                ctx.stop_training("max_steps")  # on the last batch: after the epoch
                         ctx.stage = stage
                         if stage not in pass_over:
                             yield stage
@@ -290,7 +299,9 @@ def _phase(
                         if ctx.skipped:
                             stages.close()
                             break
-            except KeyboardInterrupt as exc:
+                if settle or ctx.skipped:  # the cases end_batch() has work for (see its docstring)
+                    ctx.end_batch()
+            except KeyboardInterrupt as exc:  # the phase's end settles what it cut short
                 ctx.skipped = True  # an interrupted batch is neither counted nor kept
                 if stages is not None:
                     stages.close()  # the step's own cleanup (with blocks) runs before on_interrupt
@@ -302,14 +313,15 @@ def _phase(
                 if signals.pending:
                     yield from _attend(ctx)
             finally:  # also when a Ctrl-C during *_batch_end ends the phase: this batch is done
-                ctx.end_batch()
                 if outputs is not None and not ctx.skipped:
                     outputs.append(ctx.pred)
+        ctx.end_batches()
         if exhausted and training:
             ctx.is_last_batch = True  # now known: the data has ended
             yield from _step_open_window(ctx)
         _settle(ctx)
     except KeyboardInterrupt as exc:
+        ctx.end_batches()
         _settle(ctx)
         yield from _interrupt(ctx, exc)
     except BaseException:  # an error, or close(): settle, and let it through
@@ -352,16 +364,6 @@ def _checked_step(step: Step, allowed: Mapping[str, str], begin: Stage, ctx: Con
             yield known
 
 
-def _count_step(ctx: Context) -> None:
-    """At ``on_train_batch_after_step``: ``ctx.step`` counts here and nowhere else; reaching
-    ``max_steps`` stops training, after the epoch when it is the epoch's last batch (without
-    a length that is known only when the data has ended: a stop on its last batch cuts the
-    epoch short)."""
-    ctx.step += 1
-    if ctx.max_steps is not None and ctx.step >= ctx.max_steps and not ctx.is_last_batch:
-        ctx.stop_training("max_steps")
-
-
 def _step_open_window(ctx: Context) -> Loop:
     """Step the accumulation window that is still open when data without a length ends
     (with a length, its last batch steps it): ``on_train_batch_before_step`` and
@@ -373,7 +375,7 @@ def _step_open_window(ctx: Context) -> Loop:
         ctx.opt_name, ctx.opt = name, opt
         yield from _at(ctx, TRAIN_BEFORE_STEP)
         ctx.step_optimizer(opt)
-        _count_step(ctx)
+        ctx.step += 1  # counted as in _phase; max_steps is checked after the epoch (data ended)
         yield from _at(ctx, TRAIN_AFTER_STEP)
     ctx.precision.update()
 
