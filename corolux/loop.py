@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from corolux.context import Context, loss_problem
+from corolux.context import Context
 from corolux.data import default_unpack, length, to_device
 from corolux.events import SCOPE_STAGES, Stage
 
@@ -86,28 +86,28 @@ def _call(model: Callable[..., Any], x: Any) -> Any:
 
 def compute_loss(ctx: Context) -> torch.Tensor:
     """``loss_fn(pred, target)``, or the loss the output carries (``out.loss``,
-    ``out["loss"]``) when ``loss_fn`` is None."""
+    ``out["loss"]``) when ``loss_fn`` is None.
+
+    What it returns is checked where it is used: a loss that is not a scalar tensor gets a
+    clear error at the backward (``ctx.backward``) and in the loss tracker.
+    """
     loss_fn = ctx.loss_fn
-    autocast = ctx.precision.autocast
-    target = ctx.target
     if loss_fn is None:
-        loss = _carried_loss(ctx.pred)
-    elif target is None:
-        raise ValueError(
-            f"the {ctx.phase} batch has no target for loss_fn: a bare tensor or a 1-tuple batch is "
-            "the input alone (for predict()); give (input, target) batches, or split yours with "
-            "Trainer(unpack=lambda batch: (input, target))"
-        )
-    elif autocast is None:
-        loss = loss_fn(ctx.pred, target)
-    else:
+        return _carried_loss(ctx.pred)
+    autocast = ctx.precision.autocast
+    try:
+        if autocast is None:
+            return loss_fn(ctx.pred, ctx.target)
         with autocast():
-            loss = loss_fn(ctx.pred, target)
-    if ctx.iter == 1:  # what the loss function returns, checked on each phase's first batch
-        problem = loss_problem(loss)
-        if problem is not None:
-            raise ValueError(problem)
-    return loss
+            return loss_fn(ctx.pred, ctx.target)
+    except (TypeError, AttributeError, ValueError, RuntimeError):
+        if ctx.target is None:  # checked here, on the error path: free on the normal one
+            raise ValueError(
+                f"the {ctx.phase} batch has no target for loss_fn: a bare tensor or a 1-tuple batch "
+                "is the input alone (for predict()); give (input, target) batches, or split yours "
+                "with Trainer(unpack=lambda batch: (input, target))"
+            ) from None
+        raise
 
 
 def _carried_loss(pred: Any) -> Any:

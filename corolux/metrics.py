@@ -384,10 +384,10 @@ def _check_loss(loss: Any) -> None:
     else:
         return
     raise ValueError(
-        f"the loss must be a scalar tensor, got {got} in ctx.loss at the batch's end; when "
-        "changing ctx.loss, assign a scalar tensor (e.g. ctx.loss = ctx.loss * 0, not 0.0; "
-        "reduce a per-sample loss with .mean()), or call ctx.skip_batch() to leave the batch "
-        "out of the metrics"
+        f"the loss must be a scalar tensor, got {got} in ctx.loss at the batch's end: reduce it "
+        "(reduction='mean' in the loss function, or .mean()); when changing ctx.loss, assign a "
+        "scalar tensor (e.g. ctx.loss = ctx.loss * 0, not 0.0), or call ctx.skip_batch() to "
+        "leave the batch out of the metrics"
     ) from None
 
 
