@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 from collections.abc import Callable, Collection, Container, Generator, Iterable, Mapping
 from typing import Any
 
@@ -45,7 +44,6 @@ __all__ = [
 Step = Callable[[Context], Generator[Stage | str, None, None]]
 Loop = Generator[Stage | str, None, None]
 
-_END = object()
 _Tensor = torch.Tensor
 
 # Local names for the stages the hot path yields (one global lookup instead of two).
@@ -247,29 +245,20 @@ def _phase(
     device = ctx.device
     move = device.type != "cpu"  # on the CPU a batch is used as it comes
     signals = ctx.signals
-    max_steps = math.inf if ctx.max_steps is None else ctx.max_steps
+    max_steps = ctx.max_steps
     settle = ctx.precision.scaler is not None  # each batch's GradScaler update (ctx.end_batch)
     yield_begin = batch_begin not in pass_over
     yield_end = batch_end not in pass_over
-    exhausted = False
+    exhausted = between = False
     try:
         yield from _at(ctx, begin)
-        iterator = iter(data)
         # A hand-written loop's order of work: the next batch is requested only after this
         # one's *_batch_end handlers ran (data may depend on the model, and a dataset's RNG
-        # draws interleave with the step's as in `for x, y in loader:`). On CUDA the copy is
-        # non-blocking and kernels are asynchronous, so the CPU still runs ahead.
-        while ctx.stop_reason is None:  # a stop at *_begin runs no batch
-            try:
-                batch = next(iterator, _END)
-            except BaseException:  # the data failed (or Ctrl-C): the last batch is over
-                ctx.end_batches()
-                raise
-            if batch is _END:
-                if ctx.iter == 0:
-                    raise ValueError(f"the {phase} data yielded no batches; pass at least one batch")
-                exhausted = True
-                break
+        # draws interleave with the step's as in `for x, y in loader:`); after a stop, none is.
+        # On CUDA the copy is non-blocking and kernels are asynchronous: the CPU runs ahead.
+        batches = iter(data) if ctx.stop_reason is None else iter(())  # a stop at *_begin: none
+        for batch in batches:
+            between = False
             if move:
                 batch = to_device(batch, device)
             if pairs and type(batch) is tuple and len(batch) == 2:
@@ -289,7 +278,7 @@ def _phase(
                     for stage in stages:
                         if stage is TRAIN_AFTER_STEP:  # ctx.step counts here, and only here in a batch
                             ctx.step = count = ctx.step + 1
-                            if count >= max_steps and not ctx.is_last_batch:
+                            if max_steps is not None and count >= max_steps and not ctx.is_last_batch:
                                 ctx.stop_training("max_steps")  # on the last batch: after the epoch
                         ctx.stage = stage
                         if stage not in pass_over:
@@ -315,6 +304,13 @@ def _phase(
             finally:  # also when a Ctrl-C during *_batch_end ends the phase: this batch is done
                 if outputs is not None and not ctx.skipped:
                     outputs.append(ctx.pred)
+            if ctx.stop_reason is not None:
+                break  # before the next batch is requested
+            between = True  # what fails from here to the next batch is the data (or the loop)
+        else:
+            if ctx.iter == 0 and ctx.stop_reason is None:
+                raise ValueError(f"the {phase} data yielded no batches; pass at least one batch")
+            exhausted = ctx.stop_reason is None
         ctx.end_batches()
         if exhausted and training:
             ctx.is_last_batch = True  # now known: the data has ended
@@ -325,6 +321,8 @@ def _phase(
         _settle(ctx)
         yield from _interrupt(ctx, exc)
     except BaseException:  # an error, or close(): settle, and let it through
+        if between:  # the data failed while the next batch was fetched: no batch is open
+            ctx.end_batches()
         _settle(ctx)
         raise
     if outputs:
