@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import math
 import traceback
+from contextlib import nullcontext
 from typing import Any
 
 import pytest
@@ -642,3 +643,35 @@ def test_a_callback_without_batch_methods_is_never_touched_per_batch() -> None:
 
 def test_callback_base_class_has_no_stage_stubs() -> None:
     assert [n for n in dir(corolux.Callback) if n.startswith("on_")] == []
+
+
+# -- one delivery path: stages the loop yields, emitted ones, on_interrupt, on_exception ----------
+
+
+@pytest.mark.parametrize("stage", ["on_exception", "on_interrupt", "on_early_stopping", "on_epoch_end"])
+@pytest.mark.parametrize("how", ["filter", "stage"])
+def test_a_coroutine_wakes_at_every_kind_of_stage_whether_by_filter_or_by_name(stage, how):
+    woken: list[str] = []
+
+    @corolux.coroutine
+    def watcher():  # type: ignore[no-untyped-def]
+        while True:
+            event = yield (corolux.every(stage, 1) if how == "filter" else stage)
+            woken.append(str(event.stage))
+
+    cause = {
+        "on_exception": at("on_epoch_end", lambda ctx: 1 / 0),
+        "on_interrupt": at("on_epoch_end", _ctrl_c),
+        "on_early_stopping": at("on_epoch_end", lambda ctx: ctx.emit("on_early_stopping")),
+        "on_epoch_end": at("on_epoch_end", lambda ctx: None),
+    }[stage]
+    trainer = make_trainer()
+    with (
+        keyboard_interrupt_must_not_escape(),
+        pytest.warns(RuntimeWarning) if stage == "on_interrupt" else nullcontext(),
+    ):
+        try:
+            trainer.fit(data(), epochs=1, callbacks=[cause, watcher()])
+        except ZeroDivisionError:
+            assert stage == "on_exception"
+    assert woken == [stage]
