@@ -81,9 +81,7 @@ import importlib.util
 import io
 import itertools
 import json
-import math
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -142,13 +140,7 @@ def import_baseline(root: Path, alias: str = BASELINE) -> ModuleType:
     init = root / "corolux" / "__init__.py"
     if not init.is_file():
         raise SystemExit(f"compare.py: {init} does not exist (--baseline-dir must contain corolux/)")
-    sys.path.insert(0, str(root))
-    try:
-        package = importlib.import_module("corolux")
-    finally:
-        sys.path.remove(str(root))
-    if Path(package.__file__ or "").resolve() != init.resolve():
-        raise RuntimeError(f"the baseline import found {package.__file__}, not {init}")
+    package = _import_corolux_from(root, "the baseline")
     for name in _corolux_names():
         sys.modules[alias + name[len("corolux") :]] = sys.modules.pop(name)
     importlib.invalidate_caches()
@@ -157,14 +149,20 @@ def import_baseline(root: Path, alias: str = BASELINE) -> ModuleType:
 
 def import_new() -> ModuleType:
     """Import the working tree's ``corolux`` (the repository root first on ``sys.path``)."""
-    init = REPO / "corolux" / "__init__.py"
-    sys.path.insert(0, str(REPO))
+    return _import_corolux_from(REPO, "the working tree's")
+
+
+def _import_corolux_from(root: Path, which: str) -> ModuleType:
+    """``import corolux`` with ``root`` first on ``sys.path``; check that it is ``root/corolux``
+    (``which`` names the import in the error)."""
+    init = root / "corolux" / "__init__.py"
+    sys.path.insert(0, str(root))
     try:
         package = importlib.import_module("corolux")
     finally:
-        sys.path.remove(str(REPO))
+        sys.path.remove(str(root))
     if Path(package.__file__ or "").resolve() != init.resolve():
-        raise RuntimeError(f"the working tree's import found {package.__file__}, not {init}")
+        raise RuntimeError(f"{which} import found {package.__file__}, not {init}")
     return package
 
 
@@ -253,31 +251,16 @@ def load_overhead() -> ModuleType:
 # -- rows -------------------------------------------------------------------------------------
 
 
-def corolux_row(package: ModuleType, kind: str, clock: Any, since: Any) -> Build:
+def corolux_row(overhead: ModuleType, package: ModuleType, kind: str) -> Build:
     """``Trainer(progress=False).fit(data, epochs=1)`` (kind "fit") or ``for event in
-    trainer.run(data, epochs=1)`` (kind "run") of the given copy of corolux."""
+    trainer.run(data, epochs=1)`` (kind "run") of the given copy of corolux, timed by
+    overhead.py's ``timed_runner()``."""
 
     def build(model: torch.nn.Module, w: dict[str, Any]) -> Runner:
         trainer = package.Trainer(
             model, loss_fn=w["loss_fn"], optimizer=w["opt"], device="cpu", progress=False
         )
-        data = w["data"]
-        if kind == "run":
-
-            def run_by_hand() -> tuple[float, float]:
-                t0 = clock()
-                for _event in trainer.run(data, epochs=1):
-                    pass
-                return since(t0)
-
-            return run_by_hand
-
-        def run() -> tuple[float, float]:
-            t0 = clock()
-            trainer.fit(data, epochs=1)
-            return since(t0)
-
-        return run
+        return overhead.timed_runner(trainer, w["data"], kind)
 
     return build
 
@@ -326,19 +309,6 @@ def schedule(keys: list[str], swaps: list[tuple[str, str]]) -> list[list[tuple[s
     return [[(key, key) for key in o] for o in orders] + [
         [(exchange.get(key, key), key) for key in o] for o in orders
     ]
-
-
-def median_ci(values: list[float]) -> tuple[float, float]:
-    """A distribution-free ~95% interval of the median (order statistics, as overhead.py)."""
-    v = sorted(values)
-    n = len(v)
-    k = max(0, math.floor(n / 2 - 0.98 * math.sqrt(n)))
-    return v[k], v[n - 1 - k]
-
-
-def paired(x: list[float], y: list[float]) -> dict[str, Any]:
-    diffs = [a - b for a, b in zip(x, y, strict=True)]
-    return {"median": statistics.median(diffs), "ci": median_ci(diffs)}
 
 
 COMPARISONS = {"new - old": ("new", "old"), "new-run - old-run": ("new-run", "old-run")}
@@ -391,6 +361,7 @@ def build_runners(
 
 
 def measure(
+    overhead: ModuleType,
     workload: dict[str, Any],
     rows: Rows,
     reps: int,
@@ -446,26 +417,27 @@ def measure(
             "label": rows[k][0],
             "cpu_us": statistics.median(cpu[k]),
             "wall_us": statistics.median(wall[k]),
-            "cpu_added": paired(cpu[k], cpu["a"]),
-            "wall_added": paired(wall[k], wall["a"]),
+            "cpu_added": overhead.paired(cpu[k], cpu["a"]),
+            "wall_added": overhead.paired(wall[k], wall["a"]),
             "cpu_samples": [round(v, 3) for v in cpu[k]],
             "wall_samples": [round(v, 3) for v in wall[k]],
         }
     for name, (x, y) in COMPARISONS.items():
         if x in rows and y in rows:
-            result["diffs"][name] = {"cpu": paired(cpu[x], cpu[y]), "wall": paired(wall[x], wall[y])}
+            result["diffs"][name] = {
+                "cpu": overhead.paired(cpu[x], cpu[y]),
+                "wall": overhead.paired(wall[x], wall[y]),
+            }
     return result
 
 
-def per_fit(
-    overhead: ModuleType, old: ModuleType, new: ModuleType, runs: int, clock: Any, since: Any
-) -> dict[str, Any]:
+def per_fit(overhead: ModuleType, old: ModuleType, new: ModuleType, runs: int) -> dict[str, Any]:
     """What one fit() costs besides its steps: 1-batch null fits of old and new, interleaved
     (alternating which goes first); CPU us."""
     one = overhead.make_workload("null", 1)
     fits = {
-        "old": corolux_row(old, "fit", clock, since)(copy.deepcopy(one["model"]), one),
-        "new": corolux_row(new, "fit", clock, since)(copy.deepcopy(one["model"]), one),
+        "old": corolux_row(overhead, old, "fit")(copy.deepcopy(one["model"]), one),
+        "new": corolux_row(overhead, new, "fit")(copy.deepcopy(one["model"]), one),
     }
     samples: dict[str, list[float]] = {"old": [], "new": []}
     for i in range(runs + 5):
@@ -476,7 +448,7 @@ def per_fit(
     return {
         "old_us": statistics.median(samples["old"]),
         "new_us": statistics.median(samples["new"]),
-        "new - old": paired(samples["new"], samples["old"]),
+        "new - old": overhead.paired(samples["new"], samples["old"]),
         "runs": runs,
     }
 
@@ -570,17 +542,6 @@ def report(info: dict[str, Any], results: dict[str, Any], budget: float) -> None
     print(f"\n(measured in {info['seconds']} s)")
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def _working_tree_state() -> str:
     head = _git("rev-parse", "--short", "HEAD").stdout.decode().strip() or "?"
     dirty = _git("status", "--porcelain", "--", "corolux").stdout.decode().strip()
@@ -653,10 +614,9 @@ def main(argv: list[str] | None = None) -> int:
         old_file, new_file = check_versions(old, new, old_root, extra)
         overhead = load_overhead()
         torch.set_num_threads(1)
-        clock, since = overhead._clock, overhead._since
 
         def copies(packages: list[ModuleType], kind: str) -> list[Build]:
-            return [corolux_row(package, kind, clock, since) for package in packages]
+            return [corolux_row(overhead, package, kind) for package in packages]
 
         rows: Rows = {
             "a": ("hand-written loop", [overhead.variant_hand]),
@@ -672,19 +632,17 @@ def main(argv: list[str] | None = None) -> int:
         for name in workloads:
             workload = overhead.make_workload(name, batches * scale[name])
             same = check_weights(workload, rows, watch)
-            results["workloads"][name] = measure(workload, rows, reps, args.warmup, args.rebuild, args.seed)
+            results["workloads"][name] = measure(
+                overhead, workload, rows, reps, args.warmup, args.rebuild, args.seed
+            )
             for k, r in results["workloads"][name]["rows"].items():
                 r["same_weights"] = same[k]
             print(f"measured {workload['desc']} ({time.perf_counter() - t_start:.0f} s)", file=sys.stderr)
-        results["per_fit"] = per_fit(overhead, old, new, 100 if args.quick else 300, clock, since)
+        results["per_fit"] = per_fit(overhead, old, new, 100 if args.quick else 300)
         results["imports"] = {"seen": watch.seen, "crossing": watch.crossing()}
 
     info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu": _cpu_name(),
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
+        **overhead.machine_info(),
         "old": {"desc": old_desc, "commit": sha, "file": old_file},
         "new": {"desc": _working_tree_state(), "file": new_file},
         "argv": sys.argv[1:] if argv is None else argv,

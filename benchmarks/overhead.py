@@ -252,24 +252,44 @@ def variant_corolux(kind: str) -> Callable[[torch.nn.Module, dict[str, Any]], Ru
             return []
 
         if kind == "run":
-
-            def run_by_hand() -> tuple[float, float]:
-                t0 = _clock()
-                for _event in trainer.run(data, epochs=1):
-                    pass
-                return _since(t0)
-
-            return run_by_hand
-
-        def run() -> tuple[float, float]:
-            cbs = callbacks()
-            t0 = _clock()
-            trainer.fit(data, epochs=1, callbacks=cbs)
-            return _since(t0)
-
-        return run
+            return timed_runner(trainer, data, "run")
+        return timed_runner(trainer, data, "fit", callbacks)
 
     return build
+
+
+def timed_runner(
+    trainer: Any, data: Any, kind: str = "fit", callbacks: Callable[[], list[Any]] | None = None
+) -> Runner:
+    """The timed part of a corolux row: ``trainer.fit(data, epochs=1)`` (kind "fit"), with
+    ``callbacks=callbacks()`` when given (built before the clock starts), or ``for event in
+    trainer.run(data, epochs=1)`` consumed by hand (kind "run"). compare.py times its two
+    versions of corolux with it."""
+    if kind == "run":
+
+        def run_by_hand() -> tuple[float, float]:
+            t0 = _clock()
+            for _event in trainer.run(data, epochs=1):
+                pass
+            return _since(t0)
+
+        return run_by_hand
+    if callbacks is None:
+
+        def fit() -> tuple[float, float]:
+            t0 = _clock()
+            trainer.fit(data, epochs=1)
+            return _since(t0)
+
+        return fit
+
+    def fit_with_callbacks() -> tuple[float, float]:
+        cbs = callbacks()
+        t0 = _clock()
+        trainer.fit(data, epochs=1, callbacks=cbs)
+        return _since(t0)
+
+    return fit_with_callbacks
 
 
 def variant_ignite(supervised: bool) -> Callable[[torch.nn.Module, dict[str, Any]], Runner]:
@@ -462,11 +482,11 @@ def summarize(rows: dict[str, dict[str, Any]], samples: dict[str, dict[str, list
         for k in keys:
             # "added" is the median of the per-repetition differences to (a): each pair ran
             # back to back, so slow spells of the machine cancel out.
-            diffs = [v - b for v, b in zip(by_key[k], base, strict=True)]
-            added = statistics.median(diffs)
+            diff = paired(by_key[k], base)
+            added = diff["median"]
             rows[k][f"{clock}_us"] = statistics.median(by_key[k])
             rows[k][f"{clock}_added_us"] = added
-            rows[k][f"{clock}_added_ci"] = median_ci(diffs)
+            rows[k][f"{clock}_added_ci"] = diff["ci"]
             rows[k][f"{clock}_ratio"] = 1 + added / median_a
             rows[k][f"{clock}_samples"] = [round(v, 3) for v in by_key[k]]
         for k in ("d", "e", "f", "c", "g"):
@@ -484,6 +504,13 @@ def median_ci(values: list[float]) -> tuple[float, float]:
     n = len(v)
     k = max(0, math.floor(n / 2 - 0.98 * math.sqrt(n)))
     return v[k], v[n - 1 - k]
+
+
+def paired(x: list[float], y: list[float]) -> dict[str, Any]:
+    """The median of the paired differences ``x - y`` (each pair from one repetition) and its
+    ~95% interval."""
+    diffs = [a - b for a, b in zip(x, y, strict=True)]
+    return {"median": statistics.median(diffs), "ci": median_ci(diffs)}
 
 
 def per_run_costs(workload: dict[str, Any], runs: int) -> dict[str, float]:
@@ -604,11 +631,7 @@ def main(argv: list[str] | None = None) -> int:
         keys = [k for k in keys if k in wanted]
 
     info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu": _cpu_name(),
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
+        **machine_info(),
         "peers": peers,
         "argv": sys.argv[1:] if argv is None else argv,
     }
@@ -685,6 +708,17 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
+
+
+def machine_info() -> dict[str, Any]:
+    """Where a run was measured: Python, torch, the CPU, its cores and torch's threads now."""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 if __name__ == "__main__":

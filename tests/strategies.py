@@ -4,7 +4,9 @@ A *plan* is a list of :class:`Action`: at the n-th occurrence of a stage, a sour
 callback, a coroutine callback, or the code iterating ``run()``) gives a control signal
 (method or exception form), raises an ordinary error, or raises ``KeyboardInterrupt``.
 :func:`execute` runs a plan on a tiny real model and records what happened in a
-:class:`Recording`, which the tests check against DESIGN section 1 and 3.
+:class:`Recording`, which the tests check against DESIGN section 1 and 3. The helpers for
+focused tests at the end (callbacks acting at a stage, a two-part model, custom train steps)
+serve the tests of several modules.
 """
 
 from __future__ import annotations
@@ -402,6 +404,48 @@ def scopes(stream: list[str]) -> Scopes:
 
 
 # -- helpers for focused tests ----------------------------------------------------------------------
+
+
+class GanToy(torch.nn.Module):
+    """A generator and a discriminator; ``forward`` chains them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gen = torch.nn.Linear(4, 4)
+        self.disc = torch.nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.disc(self.gen(x)).squeeze(-1)
+
+
+def backward_and_step(ctx: Any) -> Iterator[str]:
+    """The default step's second half, for a custom step that set ``ctx.loss``: the backward and,
+    unless the step accumulates, the optimizer step, with their stages (``yield from`` it)."""
+    yield "on_train_batch_before_backward"
+    ctx.backward(ctx.loss)
+    if not ctx.accumulating:
+        yield "on_train_batch_before_step"
+        ctx.step_optimizer()
+        yield "on_train_batch_after_step"
+
+
+def hand_sgd_step(loss_fn: Any, lr: float = 0.1) -> Any:
+    """A custom train step that updates by hand, for ``optimizer=None``: forward, ``loss_fn``,
+    backward, then ``p -= lr * p.grad`` and ``p.grad = None`` for every parameter."""
+
+    def step(ctx: Any) -> Iterator[str]:
+        ctx.pred = ctx.model(ctx.input)
+        ctx.loss = loss_fn(ctx.pred, ctx.target)
+        yield "on_train_batch_after_loss"
+        ctx.backward(ctx.loss)
+        yield "on_train_batch_before_step"
+        with torch.no_grad():
+            for p in ctx.model.parameters():
+                p.add_(-lr * p.grad)
+                p.grad = None
+        yield "on_train_batch_after_step"
+
+    return step
 
 
 def stage_recorder(weight: float = float("inf")) -> Any:

@@ -5,11 +5,13 @@ the trainer already checks the argument, else on the function directly."""
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 import torch
 from realdata import iris
+from strategies import GanToy
 
 import corolux
 from corolux.arguments import check_loss_fn, resolve_device, resolve_epochs, resolve_optimizers
@@ -27,16 +29,6 @@ def make_trainer(model: torch.nn.Module | None = None, **kwargs) -> corolux.Trai
     kwargs.setdefault("device", "cpu")
     kwargs.setdefault("progress", False)
     return corolux.Trainer(model if model is not None else mlp(), **kwargs)
-
-
-class GanToy(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.gen = torch.nn.Linear(4, 4)
-        self.disc = torch.nn.Linear(4, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.disc(self.gen(x)).squeeze(-1)
 
 
 # -- seed_everything ---------------------------------------------------------------------------
@@ -182,32 +174,30 @@ def no_mps(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
 
 
-def assert_device_fix(message: str) -> None:
+def device_error(monkeypatch: pytest.MonkeyPatch, cuda_devices: int, resolve: Callable[[], object]) -> str:
+    """The message of the ValueError that ``resolve()`` raises on a machine faked to have
+    ``cuda_devices`` CUDA devices and no MPS; checked to give the fix (device='auto' or 'cpu')."""
+    fake_cuda(monkeypatch, cuda_devices)
+    no_mps(monkeypatch)
+    with pytest.raises(ValueError) as info:
+        resolve()
+    message = str(info.value)
     assert "device='auto'" in message and "device='cpu'" in message
+    return message
 
 
 @pytest.mark.parametrize("device", ["cuda", "cuda:0", torch.device("cuda", 1)])
 def test_cuda_without_cuda_is_a_value_error_through_the_trainer(monkeypatch, device):
-    fake_cuda(monkeypatch, 0)
-    no_mps(monkeypatch)
-    with pytest.raises(ValueError) as info:
-        make_trainer(device=device)
-    message = str(info.value)
+    message = device_error(monkeypatch, 0, lambda: make_trainer(device=device))
     assert f"device={device!r}" in message  # what was asked
     assert "CUDA" in message
     assert "this machine has only the CPU" in message  # what there is
-    assert_device_fix(message)
 
 
 def test_cuda_index_beyond_the_device_count_is_a_value_error(monkeypatch):
-    fake_cuda(monkeypatch, 2)
-    no_mps(monkeypatch)
-    with pytest.raises(ValueError) as info:
-        resolve_device("cuda:2")
-    message = str(info.value)
+    message = device_error(monkeypatch, 2, lambda: resolve_device("cuda:2"))
     assert "device='cuda:2'" in message and "CUDA device 2" in message
     assert "2 CUDA devices (cuda:0 to cuda:1)" in message
-    assert_device_fix(message)
 
 
 def test_an_existing_cuda_device_resolves(monkeypatch):
@@ -218,14 +208,9 @@ def test_an_existing_cuda_device_resolves(monkeypatch):
 
 
 def test_mps_without_mps_is_a_value_error(monkeypatch):
-    fake_cuda(monkeypatch, 1)
-    no_mps(monkeypatch)
-    with pytest.raises(ValueError) as info:
-        resolve_device("mps")
-    message = str(info.value)
+    message = device_error(monkeypatch, 1, lambda: resolve_device("mps"))
     assert "device='mps'" in message and "MPS" in message
     assert "the CPU and 1 CUDA device (cuda:0)" in message
-    assert_device_fix(message)
 
 
 def test_an_available_mps_resolves(monkeypatch):

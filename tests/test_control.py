@@ -17,6 +17,7 @@ from strategies import (
     TRAIN_INNER,
     at,
     check_structure,
+    hand_sgd_step,
     keyboard_interrupt_must_not_escape,
     make_batches,
     make_trainer,
@@ -970,18 +971,11 @@ def test_skip_at_the_open_window_step_says_what_that_step_is():
 def test_a_batch_skipped_after_a_hand_written_backward_leaks_no_gradient():
     grads: list[bool] = []
 
+    sgd_by_hand = hand_sgd_step(torch.nn.functional.mse_loss)
+
     def by_hand(ctx: Any) -> Any:
         grads.append(ctx.model.weight.grad is None)
-        ctx.pred = ctx.model(ctx.input)
-        ctx.loss = torch.nn.functional.mse_loss(ctx.pred, ctx.target)
-        yield "on_train_batch_after_loss"
-        ctx.backward(ctx.loss)
-        yield "on_train_batch_before_step"
-        with torch.no_grad():
-            for p in ctx.model.parameters():
-                p.add_(-0.1 * p.grad)
-                p.grad = None
-        yield "on_train_batch_after_step"
+        yield from sgd_by_hand(ctx)
 
     skip = at("on_train_batch_before_step", lambda ctx: ctx.skip_batch(), it=1)
     model = torch.nn.Linear(3, 1)

@@ -229,12 +229,15 @@ def test_not_interrupted_after_a_normal_fit():
     assert fit(1).interrupted is False
 
 
-def test_stopped_epoch_is_recorded_with_partial_metrics():
-    class StopMidEpoch(corolux.Callback):
-        def on_train_batch_end(self, ctx):
-            if ctx.epoch == 2 and ctx.iter == 2:
-                ctx.stop_training()
+class StopMidEpoch(corolux.Callback):
+    """Stops the run at the second batch of epoch 2."""
 
+    def on_train_batch_end(self, ctx):
+        if ctx.epoch == 2 and ctx.iter == 2:
+            ctx.stop_training()
+
+
+def test_stopped_epoch_is_recorded_with_partial_metrics():
     history = fit(3, callbacks=[StopMidEpoch()])
     assert history["epoch"] == [1, 2]
     assert math.isfinite(history["train_loss"][1])
@@ -307,11 +310,6 @@ def test_a_stop_at_an_epochs_end_keeps_the_reason_and_counts_the_epoch():
 
 
 def test_an_epoch_cut_short_shows_as_more_records_than_completed_epochs():
-    class StopMidEpoch(corolux.Callback):
-        def on_train_batch_end(self, ctx):
-            if ctx.epoch == 2 and ctx.iter == 2:
-                ctx.stop_training()
-
     history = fit(3, callbacks=[StopMidEpoch()])
     assert history.stop_reason == "stopped"
     assert len(history) == 2 and history.completed_epochs == 1

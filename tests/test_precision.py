@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 from realdata import iris
+from strategies import hand_sgd_step
 
 import corolux
 from corolux.precision import Precision
@@ -175,13 +176,7 @@ def test_a_run_cut_short_between_step_and_update_leaves_the_scaler_usable(how):
 
 
 def test_16_mixed_with_a_hand_written_update_is_refused():
-    def by_hand(ctx):
-        ctx.pred = ctx.model(ctx.input)
-        ctx.loss = F.cross_entropy(ctx.pred, ctx.target)
-        yield "on_train_batch_after_loss"
-        ctx.backward(ctx.loss)
-
-    t = trainer("16-mixed", optimizer=None, train_step=by_hand)
+    t = trainer("16-mixed", optimizer=None, train_step=hand_sgd_step(F.cross_entropy))
     with pytest.raises(ValueError, match="with optimizer=None .* use precision='bf16-mixed'"):
         t.fit(iris())
 

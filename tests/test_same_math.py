@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 from realdata import digits, iris
+from strategies import backward_and_step
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import corolux
@@ -146,11 +147,12 @@ OPTIMIZERS = {
 }
 
 
-def textbook_loop(model, opt, train_loader, valid_loader, epochs):
+def textbook_loop(model, opt, train_data, epochs, valid_loader=None):
+    """The textbook loop of (a) and (b); ``valid_loader``, when given, runs after each epoch."""
     losses, valid_losses = [], []
     for _ in range(epochs):
         model.train()
-        for x, y in train_loader:
+        for x, y in train_data:
             opt.zero_grad()
             out = model(x)
             loss = F.cross_entropy(out, y)
@@ -162,12 +164,12 @@ def textbook_loop(model, opt, train_loader, valid_loader, epochs):
     return losses, valid_losses
 
 
-def prefetching_loop(model, opt, train_loader, valid_loader, epochs):
-    """WRONG on purpose: asks the loader for batch k+1 before batch k's forward and step."""
+def prefetching_loop(model, opt, train_data, epochs, valid_loader=None):
+    """WRONG on purpose: asks the data for batch k+1 before batch k's forward and step."""
     losses, valid_losses = [], []
     for _ in range(epochs):
         model.train()
-        batches = iter(train_loader)
+        batches = iter(train_data)
         batch = next(batches, None)
         while batch is not None:
             following = next(batches, None)
@@ -194,7 +196,7 @@ def test_dataset_rng_and_dropout_draws_interleave_as_in_a_for_loop(opt_name, wit
     hand_opt = factory(hand.parameters())
     train_loader, valid_loader = augmented_loaders(with_valid)
     torch.manual_seed(RUN_SEED)
-    hand_losses, hand_valid = textbook_loop(hand, hand_opt, train_loader, valid_loader, epochs)
+    hand_losses, hand_valid = textbook_loop(hand, hand_opt, train_loader, epochs, valid_loader)
 
     lux = dropout_mlp()
     trainer = lux_trainer(lux, loss_fn=F.cross_entropy, optimizer=factory)
@@ -215,7 +217,7 @@ def test_dataset_rng_and_dropout_draws_interleave_as_in_a_for_loop(opt_name, wit
     wrong_opt = factory(wrong.parameters())
     train_loader, valid_loader = augmented_loaders(with_valid)
     torch.manual_seed(RUN_SEED)
-    wrong_losses, _ = prefetching_loop(wrong, wrong_opt, train_loader, valid_loader, epochs)
+    wrong_losses, _ = prefetching_loop(wrong, wrong_opt, train_loader, epochs, valid_loader)
     assert not same_tensors(wrong_losses, hand_losses)
     assert not same_weights(wrong, hand)
 
@@ -253,33 +255,34 @@ def plain_mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
 
 
-def textbook_mining_loop(model, opt, data, epochs):
-    losses = []
-    for _ in range(epochs):
-        model.train()
-        for x, y in data:
-            opt.zero_grad()
-            out = model(x)
-            loss = F.cross_entropy(out, y)
-            loss.backward()
-            opt.step()
-            losses.append(loss.detach().clone())
-    return losses
+def assert_same_run_on_model_dependent_data(
+    hand_loop, make_model, data_class, n_batches, epochs, optimizer, **trainer_kwargs
+) -> nn.Module:
+    """Train ``make_model()`` on ``data_class(model, n_batches)`` by ``hand_loop(model, opt, data,
+    epochs) -> losses`` and by fit(), from the same seeds, and check that each batch was drawn by
+    the model the previous step left, and the same as in the hand loop; the same per-batch losses,
+    final weights and steps. Returns the hand-trained model."""
+    hand = make_model()
+    hand_opt = optimizer(hand.parameters())
+    hand_data = data_class(hand, n_batches)
+    torch.manual_seed(RUN_SEED)
+    hand_losses = hand_loop(hand, hand_opt, hand_data, epochs)
 
+    lux = make_model()
+    trainer = lux_trainer(lux, optimizer=optimizer, **trainer_kwargs)
+    lux_data = data_class(lux, n_batches)
+    rec = Rec()
+    torch.manual_seed(RUN_SEED)
+    trainer.fit(lux_data, epochs=epochs, callbacks=[rec])
 
-def prefetching_mining_loop(model, opt, data, epochs):
-    """WRONG on purpose: mines batch k+1 before batch k's step."""
-    for _ in range(epochs):
-        model.train()
-        batches = iter(data)
-        batch = next(batches, None)
-        while batch is not None:
-            following = next(batches, None)
-            x, y = batch
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-            batch = following
+    assert len(lux_data.weights) == epochs * n_batches
+    # Batch 2 was drawn with the model that batch 1's step updated.
+    assert not torch.equal(lux_data.weights[1], lux_data.weights[0])
+    assert_same_tensors(hand_data.weights, lux_data.weights, f"weights seen by {data_class.__name__}")
+    assert_same_tensors(hand_losses, rec.losses, "per-batch train losses")
+    assert_same_weights(hand, lux)
+    assert rec.final_step == epochs * n_batches
+    return hand
 
 
 @pytest.mark.parametrize("data_class", [HardestOf, SizedHardestOf], ids=["no_len", "len"])
@@ -287,32 +290,18 @@ def test_hard_negative_mining_sees_the_model_updated_by_the_previous_step(data_c
     epochs, n_batches = 2, 5
     sgd = lambda params: torch.optim.SGD(params, lr=0.2)
 
-    hand = plain_mlp()
-    hand_opt = sgd(hand.parameters())
-    hand_data = data_class(hand, n_batches)
-    torch.manual_seed(RUN_SEED)
-    hand_losses = textbook_mining_loop(hand, hand_opt, hand_data, epochs)
+    def hand_loop(model, opt, data, epochs):
+        return textbook_loop(model, opt, data, epochs)[0]
 
-    lux = plain_mlp()
-    trainer = lux_trainer(lux, loss_fn=F.cross_entropy, optimizer=sgd)
-    lux_data = data_class(lux, n_batches)
-    rec = Rec()
-    torch.manual_seed(RUN_SEED)
-    trainer.fit(lux_data, epochs=epochs, callbacks=[rec])
-
-    assert len(lux_data.weights) == epochs * n_batches
-    # Batch 2 was mined with the model that batch 1's step updated.
-    assert not torch.equal(lux_data.weights[1], lux_data.weights[0])
-    assert_same_tensors(hand_data.weights, lux_data.weights, "weights seen by the miner")
-    assert_same_tensors(hand_losses, rec.losses, "per-batch train losses")
-    assert_same_weights(hand, lux)
-    assert rec.final_step == epochs * n_batches
+    hand = assert_same_run_on_model_dependent_data(
+        hand_loop, plain_mlp, data_class, n_batches, epochs, sgd, loss_fn=F.cross_entropy
+    )
 
     # Teeth: a look-ahead loop mines batch 2 with batch 1's model (no step in between).
     wrong = plain_mlp()
     wrong_data = data_class(wrong, n_batches)
     torch.manual_seed(RUN_SEED)
-    prefetching_mining_loop(wrong, sgd(wrong.parameters()), wrong_data, epochs)
+    prefetching_loop(wrong, sgd(wrong.parameters()), wrong_data, epochs)
     assert torch.equal(wrong_data.weights[1], wrong_data.weights[0])
     assert not same_weights(wrong, hand)
 
@@ -357,12 +346,7 @@ def reinforce_step(ctx):
     yield "on_train_batch_after_pred"
     ctx.loss = reinforce_loss(ctx.pred, actions, rewards)
     yield "on_train_batch_after_loss"
-    yield "on_train_batch_before_backward"
-    ctx.backward(ctx.loss)
-    if not ctx.accumulating:
-        yield "on_train_batch_before_step"
-        ctx.step_optimizer()
-        yield "on_train_batch_after_step"
+    yield from backward_and_step(ctx)
 
 
 def bandit_policy() -> nn.Linear:
@@ -370,39 +354,28 @@ def bandit_policy() -> nn.Linear:
     return nn.Linear(4, 3)
 
 
+def textbook_reinforce(policy, opt, rollouts, epochs):
+    """The textbook loop with the REINFORCE loss of each batch's actions and rewards."""
+    losses = []
+    for _ in range(epochs):
+        policy.train()
+        for contexts, (actions, rewards) in rollouts:
+            opt.zero_grad()
+            logits = policy(contexts)
+            loss = reinforce_loss(logits, actions, rewards)
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach().clone())
+    return losses
+
+
 @pytest.mark.parametrize("data_class", [BanditRollouts, SizedBanditRollouts], ids=["no_len", "len"])
 def test_reinforce_rollouts_use_the_current_policy(data_class):
     epochs, n_batches = 3, 4
     sgd = lambda params: torch.optim.SGD(params, lr=0.5)
-
-    hand = bandit_policy()
-    hand_opt = sgd(hand.parameters())
-    hand_data = data_class(hand, n_batches)
-    hand_losses = []
-    torch.manual_seed(RUN_SEED)
-    for _ in range(epochs):
-        hand.train()
-        for contexts, (actions, rewards) in hand_data:
-            hand_opt.zero_grad()
-            logits = hand(contexts)
-            loss = reinforce_loss(logits, actions, rewards)
-            loss.backward()
-            hand_opt.step()
-            hand_losses.append(loss.detach().clone())
-
-    lux = bandit_policy()
-    trainer = lux_trainer(lux, optimizer=sgd, train_step=reinforce_step)
-    lux_data = data_class(lux, n_batches)
-    rec = Rec()
-    torch.manual_seed(RUN_SEED)
-    trainer.fit(lux_data, epochs=epochs, callbacks=[rec])
-
-    assert len(lux_data.weights) == epochs * n_batches
-    assert not torch.equal(lux_data.weights[1], lux_data.weights[0])  # rollout 2 saw step 1
-    assert_same_tensors(hand_data.weights, lux_data.weights, "policy weights seen by the rollouts")
-    assert_same_tensors(hand_losses, rec.losses, "per-batch REINFORCE losses")
-    assert_same_weights(hand, lux)
-    assert rec.final_step == epochs * n_batches
+    assert_same_run_on_model_dependent_data(
+        textbook_reinforce, bandit_policy, data_class, n_batches, epochs, sgd, train_step=reinforce_step
+    )
 
 
 # -- (c) gradient accumulation ---------------------------------------------------------------------
@@ -482,13 +455,27 @@ def textbook_unsized_accumulation(model, opt, batches, steps, epochs):
     return losses, optimizer_steps
 
 
-def fit_accumulating(data: Any, steps: int, epochs: int) -> tuple[nn.Module, corolux.Trainer, Rec]:
+def assert_same_accumulation(textbook, data, n_batches: int, steps: int, epochs: int) -> nn.Module:
+    """Train by the hand loop ``textbook`` and by fit() with ``Accumulate(steps)``, each on a
+    fresh ``data()`` from the same seeds, and check the same optimizer steps (one per window),
+    per-batch losses, weights and optimizer state. Returns the hand-trained model."""
+    hand = plain_mlp()
+    hand_opt = momentum_sgd(hand.parameters())
+    torch.manual_seed(RUN_SEED)
+    hand_losses, hand_steps = textbook(hand, hand_opt, data(), steps, epochs)
+
     lux = plain_mlp()
     trainer = lux_trainer(lux, loss_fn=F.cross_entropy, optimizer=momentum_sgd)
     rec = Rec()
     torch.manual_seed(RUN_SEED)
-    trainer.fit(data, epochs=epochs, callbacks=[Accumulate(steps), rec])
-    return lux, trainer, rec
+    trainer.fit(data(), epochs=epochs, callbacks=[Accumulate(steps), rec])
+
+    assert hand_steps == epochs * -(-n_batches // steps)
+    assert rec.final_step == hand_steps
+    assert_same_tensors(hand_losses, rec.losses, "per-batch (unscaled) train losses")
+    assert_same_weights(hand, lux)
+    assert_same_optimizer_state(hand_opt, only_optimizer(trainer))
+    return hand
 
 
 @pytest.mark.parametrize(
@@ -496,18 +483,9 @@ def fit_accumulating(data: Any, steps: int, epochs: int) -> tuple[nn.Module, cor
 )
 def test_accumulation_over_a_list_scales_a_partial_last_window_by_1_over_k(n_batches, steps):
     epochs = 2
-    hand = plain_mlp()
-    hand_opt = momentum_sgd(hand.parameters())
-    torch.manual_seed(RUN_SEED)
-    hand_losses, hand_steps = textbook_accumulation(hand, hand_opt, digit_batches(n_batches), steps, epochs)
-
-    lux, trainer, rec = fit_accumulating(digit_batches(n_batches), steps, epochs)
-
-    assert hand_steps == epochs * -(-n_batches // steps)
-    assert rec.final_step == hand_steps
-    assert_same_tensors(hand_losses, rec.losses, "per-batch (unscaled) train losses")
-    assert_same_weights(hand, lux)
-    assert_same_optimizer_state(hand_opt, only_optimizer(trainer))
+    hand = assert_same_accumulation(
+        textbook_accumulation, lambda: digit_batches(n_batches), n_batches, steps, epochs
+    )
 
     if n_batches % steps:
         # Teeth: scaling the partial last window by 1/steps trains differently.
@@ -527,20 +505,9 @@ def test_accumulation_over_a_list_scales_a_partial_last_window_by_1_over_k(n_bat
 @pytest.mark.parametrize("n_batches", [7, 6], ids=["open_last_window", "even"])
 def test_accumulation_without_a_length_steps_the_open_window_at_the_end(n_batches):
     epochs, steps = 2, 3
-    hand = plain_mlp()
-    hand_opt = momentum_sgd(hand.parameters())
-    torch.manual_seed(RUN_SEED)
-    hand_losses, hand_steps = textbook_unsized_accumulation(
-        hand, hand_opt, Unsized(digit_batches(n_batches)), steps, epochs
+    hand = assert_same_accumulation(
+        textbook_unsized_accumulation, lambda: Unsized(digit_batches(n_batches)), n_batches, steps, epochs
     )
-
-    lux, trainer, rec = fit_accumulating(Unsized(digit_batches(n_batches)), steps, epochs)
-
-    assert hand_steps == epochs * -(-n_batches // steps)
-    assert rec.final_step == hand_steps
-    assert_same_tensors(hand_losses, rec.losses, "per-batch (unscaled) train losses")
-    assert_same_weights(hand, lux)
-    assert_same_optimizer_state(hand_opt, only_optimizer(trainer))
 
     if n_batches % steps:
         # Teeth: dropping the open window, or scaling it by 1/k as if the length were known,

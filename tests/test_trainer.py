@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 from realdata import digits, iris
+from strategies import GanToy, backward_and_step, hand_sgd_step
 
 import corolux
 from corolux import Stage
@@ -102,18 +103,6 @@ def test_optimizer_instance_and_factory_are_accepted():
     assert isinstance(built, torch.optim.SGD)
     got = {id(p) for g in built.param_groups for p in g["params"]}
     assert got == {id(p) for p in model.parameters()}
-
-
-class GanToy(torch.nn.Module):
-    """A generator and a discriminator; ``forward`` chains them."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gen = torch.nn.Linear(4, 4)
-        self.disc = torch.nn.Linear(4, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.disc(self.gen(x)).squeeze(-1)
 
 
 def test_dict_of_factories_gets_each_submodules_parameters():
@@ -699,21 +688,9 @@ def test_fit_without_optimizer_says_how_to_give_one():
 
 def test_a_custom_step_that_updates_by_hand_runs_without_an_optimizer():
     # pytorch/examples' regression script: p.data.add_(-lr * p.grad), no torch optimizer.
-    def sgd_by_hand(ctx):
-        ctx.pred = ctx.model(ctx.input)
-        ctx.loss = F.cross_entropy(ctx.pred, ctx.target)
-        yield "on_train_batch_after_loss"
-        ctx.backward(ctx.loss)
-        yield "on_train_batch_before_step"
-        with torch.no_grad():
-            for p in ctx.model.parameters():
-                p.add_(-0.1 * p.grad)
-                p.grad = None
-        yield "on_train_batch_after_step"
-
     model = mlp(4, 3)
     before = [p.detach().clone() for p in model.parameters()]
-    trainer = make_trainer(model, optimizer=None, train_step=sgd_by_hand)
+    trainer = make_trainer(model, optimizer=None, train_step=hand_sgd_step(F.cross_entropy))
     steps: list[int] = []
     record = Recorder(lambda stage, ctx: steps.append(ctx.step), "on_fit_end")
     history = trainer.fit(iris(), epochs=2, batch_size=50, callbacks=[record])
@@ -838,12 +815,7 @@ def halving_step(ctx):
     yield "on_train_batch_after_pred"
     ctx.loss = ctx.loss_fn(ctx.pred, ctx.target) * 0.5
     yield "on_train_batch_after_loss"
-    yield "on_train_batch_before_backward"
-    ctx.backward(ctx.loss)
-    if not ctx.accumulating:
-        yield "on_train_batch_before_step"
-        ctx.step_optimizer()
-        yield "on_train_batch_after_step"
+    yield from backward_and_step(ctx)
 
 
 class HalvingTrainer(corolux.Trainer):
