@@ -39,16 +39,17 @@ class Context:
 
     Who writes what: the loop (``corolux.loop``) writes the counters and the batch
     (``epoch``, ``iter``, ``step``, ``stage``, ``phase``, ``batch``, ``input``, ``target``,
-    ``pred``, ``loss``, ...) directly, and opens and closes epochs, phases and batches
-    through the ``begin_*``/``end_*`` methods below, which own the private fields. Read-only
+    ``pred``, ``loss``, ...) directly, and marks epochs, phases and batches through the
+    ``begin_*``/``end_*`` methods below, which own the private fields. Read-only
     views: :attr:`in_batch`, :attr:`validation_skipped`, :attr:`gradients_pending`,
     :attr:`step_skipped`. Its own attributes are slots (the loop touches them on every
     event), so ``dir(ctx)`` lists them while ``vars(ctx)`` holds what callbacks add.
     """
 
     # Invariant (only the methods of this class write the private fields):
-    #   _in_batch            from begin_batch() until the next one, or end_batches() (the
-    #                        phase's batches are over, or fetching the next one failed)
+    #   _in_batch            set by begin_batch(); cleared by end_batches() (the phase's batches
+    #                        are over, the data failed between batches, or a stage is emitted
+    #                        after *_batch_end) and by begin_phase()
     #   _backward_iter       the iter of this phase's last backward (begin_phase() clears it)
     #   _validation_skipped  skip_validation() was given this epoch (begin_epoch() clears it)
     #   _epoch_ended         end_epoch() ran: the epoch's values are floats (begin_epoch() clears it)
@@ -195,8 +196,9 @@ class Context:
     @property
     def in_batch(self) -> bool:
         """True at the stages of a batch, from ``on_*_batch_begin`` to ``on_*_batch_end``
-        (``ctx.batch``, ``input``, ``target``, ``pred`` and ``loss`` are this batch's), and
-        false outside batches (an error while fetching the next batch is outside them)."""
+        (``ctx.batch``, ``input``, ``target``, ``pred`` and ``loss`` are this batch's). False
+        at the phase's stages, at a stage emitted after ``on_*_batch_end``, and where the
+        data fails while the next batch is fetched, moved or split."""
         return self._in_batch
 
     @property
@@ -301,11 +303,12 @@ class Context:
         Raises:
             ValueError: ``loss`` is not a scalar tensor (e.g. a float assigned to ``ctx.loss``).
         """
+        scaled = loss  # ``loss`` stays what was given, for the error message
         try:
             if self.accumulate_steps != 1:
-                loss = loss / self._window_size()
+                scaled = scaled / self._window_size()
             if self.precision.scaler is not None:
-                loss = self.precision.scale(loss)
+                scaled = self.precision.scale(scaled)
             if self._params:
                 # Several optimizers: this loss's gradients go to this optimizer's parameters only.
                 opt = self.opt if opt is None else opt
@@ -315,15 +318,17 @@ class Context:
                         f"backward(): opt={opt!r} is not one of this trainer's optimizers "
                         f"{list(self.optimizers)}; pass one of ctx.optimizers[name]"
                     )
-                loss.backward(inputs=params)
+                scaled.backward(inputs=params)
             else:
-                loss.backward()
+                scaled.backward()
         except (AttributeError, TypeError, RuntimeError):
-            problem = loss_problem(loss)  # the value given (divided, for accumulation)
+            problem = loss_problem(loss)
             if problem is None:
                 raise
-            where = f"ctx.loss at {str(self.stage)!r}, where it is backpropagated"
-            raise ValueError(f"{problem} ({where})") from None
+            where = (
+                f"the loss (from loss_fn, or assigned to ctx.loss) backpropagated after {str(self.stage)!r}"
+            )
+            raise ValueError(f"{problem}; {where}") from None
         self._backward_iter = self.iter
 
     def _window_size(self) -> int:
@@ -467,15 +472,18 @@ class Context:
 
 
 def loss_problem(loss: Any) -> str | None:
-    """What is wrong with ``loss`` as a loss (None when it is a scalar tensor)."""
+    """What is wrong with ``loss`` as a loss: None for a scalar (one-element) tensor, else a
+    message that shows it and says how to fix it."""
     if not isinstance(loss, _Tensor):
+        shown = repr(loss) if len(repr(loss)) <= 60 else repr(loss)[:57] + "..."
         return (
-            f"the loss must be a scalar tensor, got {type(loss).__name__} {loss!r}; when changing "
-            "ctx.loss, assign a tensor (e.g. ctx.loss = ctx.loss * 0, not 0.0)"
+            f"the loss must be a scalar tensor, got {type(loss).__name__} {shown}; a loss function "
+            "returns a tensor, and a value assigned to ctx.loss must be one too (e.g. "
+            "ctx.loss = ctx.loss * 0, not 0.0)"
         )
-    if loss.ndim != 0:
+    if loss.numel() != 1:
         return (
-            f"the loss must be a scalar tensor, got shape {tuple(loss.shape)}; reduce it (e.g. "
-            "reduction='mean' in the loss function, or .mean())"
+            f"the loss must be a scalar tensor, got shape {tuple(loss.shape)} (one value per "
+            "sample?); reduce it (reduction='mean' in the loss function, or .mean())"
         )
     return None

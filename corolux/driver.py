@@ -198,6 +198,11 @@ class Driver:
                 entries.setdefault(name, []).append((weight_of(cb, name), position, handler, cb))
         for name, items in entries.items():
             items.sort(key=_ORDER)
+            seen: set[int] = set()
+            for i, (weight, position, handler, cb) in enumerate(items):
+                if id(handler) in seen:  # one function shared by two callbacks: a distinct
+                    items[i] = (weight, position, functools.partial(handler), cb)  # object each,
+                seen.add(id(handler))  # so an error is noted with the right one
             slot = self.slots[name]
             slot.entries = tuple(items)
             slot.refresh()
@@ -232,12 +237,13 @@ class Driver:
         pass_over: frozenset[str] = frozenset()
         if not consumer and not self.counting:
             pass_over = frozenset(stage for stage, slot in slots.items() if not slot.watched)
+        stages: Iterable[str] = ()
         try:
-            self._call_each("setup")
-            loop = make_loop(pass_over)
-            stages: Iterable[str] = loop
             while True:
                 try:
+                    if loop is None and escaping is None:  # the first pass: set up, start the loop
+                        self._call_each("setup")
+                        stages = loop = make_loop(pass_over)
                     # The one delivery path, written out because it is the hot path: every
                     # stage the loop yields goes through here, and on_exception after it.
                     for stage in stages:
@@ -260,11 +266,13 @@ class Driver:
                             yield slot.event
                     break
                 except Exception as exc:
-                    if escaping is None:  # the loop, a step or a handler failed
+                    if escaping is None:  # setup, the loop, a step or a handler failed
                         escaping = exc
                         self._note_escaping(exc)
                         stages = (Stage.on_exception,)  # delivered as any stage, then raised
                         continue
+                    if exc is not self._annotated:  # the consumer threw into the generator
+                        raise
                     escaping.add_note(f"and while handling it, on_exception raised {exc!r}")
                     if consumer:
                         yield slots[Stage.on_exception].event

@@ -39,8 +39,10 @@ class Stage(enum.StrEnum):
         on_fit_end
 
     One-off events stand outside the nesting: ``on_exception`` (an error is escaping;
-    ``ctx.exception`` is set), ``on_early_stopping`` (emitted by early stopping before the
-    stop) and ``on_interrupt`` (Ctrl-C arrived; fired before the graceful stop).
+    ``ctx.exception`` is set, with its traceback: log it with
+    ``logging.error(..., exc_info=ctx.exception)``, as ``sys.exc_info()`` is empty there),
+    ``on_early_stopping`` (emitted by early stopping before the stop) and ``on_interrupt``
+    (Ctrl-C arrived; fired before the graceful stop).
 
     On a signal: *skip batch* jumps to ``on_*_batch_end``; *skip validation* leaves out
     ``on_valid_begin`` .. ``on_valid_end``; *stop training* ends the current batch, then

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from corolux.context import Context
+from corolux.context import Context, loss_problem
 from corolux.data import default_unpack, length, to_device
 from corolux.events import SCOPE_STAGES, Stage
 
@@ -45,6 +45,8 @@ Step = Callable[[Context], Generator[Stage | str, None, None]]
 Loop = Generator[Stage | str, None, None]
 
 _Tensor = torch.Tensor
+
+_BATCH_ENDS = frozenset(stages[2] for stages in SCOPE_STAGES.values())
 
 # Local names for the stages the hot path yields (one global lookup instead of two).
 TRAIN_AFTER_PRED = Stage.on_train_batch_after_pred
@@ -86,8 +88,9 @@ def compute_loss(ctx: Context) -> torch.Tensor:
     """``loss_fn(pred, target)``, or the loss the output carries (``out.loss``,
     ``out["loss"]``) when ``loss_fn`` is None.
 
-    What it returns is checked where it is used: a loss that is not a scalar tensor gets a
-    clear error at the backward (``ctx.backward``) and in the loss tracker.
+    What it returns is checked where it is used, at no cost per batch: a loss that is not a
+    scalar (one-element) tensor gets a clear error from ``ctx.backward`` and from the loss
+    tracker; a custom step that backpropagates by itself gets torch's.
     """
     loss_fn = ctx.loss_fn
     if loss_fn is None:
@@ -137,7 +140,10 @@ def train_step(ctx: Context) -> Generator[Stage, None, None]:
         ctx.loss = compute_loss(ctx)
         yield TRAIN_AFTER_LOSS
         if several:
-            ctx.losses[name] = ctx.loss.detach()
+            try:
+                ctx.losses[name] = ctx.loss.detach()
+            except AttributeError:  # not a tensor: the same error as at the backward
+                raise ValueError(loss_problem(ctx.loss)) from None
         yield TRAIN_BEFORE_BACKWARD
         ctx.backward(ctx.loss)
         if ctx.accumulate_steps == 1 or not ctx.accumulating:  # (no property call in the common case)
@@ -194,6 +200,8 @@ def _attend(ctx: Context) -> Loop:
     for a stop, raise ``KeyboardInterrupt`` here, inside the open scope."""
     signals = ctx.signals
     at = ctx.stage
+    if at in _BATCH_ENDS:
+        ctx.end_batches()  # a stage emitted at *_batch_end comes after the batch: no skip_batch there
     stage = signals.next_emitted()
     while stage is not None:
         ctx.stage = stage
@@ -245,26 +253,26 @@ def _phase(
     device = ctx.device
     move = device.type != "cpu"  # on the CPU a batch is used as it comes
     signals = ctx.signals
-    max_steps = ctx.max_steps
     settle = ctx.precision.scaler is not None  # each batch's GradScaler update (ctx.end_batch)
     yield_begin = batch_begin not in pass_over
     yield_end = batch_end not in pass_over
     exhausted = between = False
     try:
         yield from _at(ctx, begin)
+        max_steps = ctx.max_steps  # as set by on_<phase>_begin at the latest
         # A hand-written loop's order of work: the next batch is requested only after this
         # one's *_batch_end handlers ran (data may depend on the model, and a dataset's RNG
         # draws interleave with the step's as in `for x, y in loader:`); after a stop, none is.
         # On CUDA the copy is non-blocking and kernels are asynchronous: the CPU runs ahead.
         batches = iter(data) if ctx.stop_reason is None else iter(())  # a stop at *_begin: none
         for batch in batches:
-            between = False
             if move:
                 batch = to_device(batch, device)
             if pairs and type(batch) is tuple and len(batch) == 2:
                 x, y = batch  # the common layout, without a call
             else:
                 x, y = unpack(batch)
+            between = False
             ctx.begin_batch(batch, x, y)
             stages = None
             try:
@@ -276,10 +284,13 @@ def _phase(
                 if not ctx.skipped:
                     stages = step(ctx)
                     for stage in stages:
-                        if stage is TRAIN_AFTER_STEP:  # ctx.step counts here, and only here in a batch
+                        if stage is TRAIN_AFTER_STEP:  # ctx.step counts here (and in _step_open_window)
                             ctx.step = count = ctx.step + 1
                             if max_steps is not None and count >= max_steps and not ctx.is_last_batch:
-                                ctx.stop_training("max_steps")  # on the last batch: after the epoch
+                                # On an epoch's last batch the epoch ends first (fit_loop stops
+                                # after it); without a length that batch is not known, so the
+                                # stop cuts the epoch short there.
+                                ctx.stop_training("max_steps")
                         ctx.stage = stage
                         if stage not in pass_over:
                             yield stage
@@ -306,7 +317,7 @@ def _phase(
                     outputs.append(ctx.pred)
             if ctx.stop_reason is not None:
                 break  # before the next batch is requested
-            between = True  # what fails from here to the next batch is the data (or the loop)
+            between = True  # what fails from here to the next batch is the data's (or the loop's)
         else:
             if ctx.iter == 0 and ctx.stop_reason is None:
                 raise ValueError(f"the {phase} data yielded no batches; pass at least one batch")
@@ -320,8 +331,8 @@ def _phase(
         ctx.end_batches()
         _settle(ctx)
         yield from _interrupt(ctx, exc)
-    except BaseException:  # an error, or close(): settle, and let it through
-        if between:  # the data failed while the next batch was fetched: no batch is open
+    except BaseException as exc:  # an error, or close(): settle, and let it through
+        if between or isinstance(exc, GeneratorExit):  # no batch is open any more
             ctx.end_batches()
         _settle(ctx)
         raise
@@ -373,7 +384,7 @@ def _step_open_window(ctx: Context) -> Loop:
         ctx.opt_name, ctx.opt = name, opt
         yield from _at(ctx, TRAIN_BEFORE_STEP)
         ctx.step_optimizer(opt)
-        ctx.step += 1  # counted as in _phase; max_steps is checked after the epoch (data ended)
+        ctx.step += 1  # the other place ctx.step counts; max_steps: after the epoch (data ended)
         yield from _at(ctx, TRAIN_AFTER_STEP)
     ctx.precision.update()
 

@@ -15,6 +15,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from corolux.context import loss_problem
+
 __all__ = [
     "MAE",
     "MSE",
@@ -354,9 +356,11 @@ class LossTracker:
         if self._losses:
             try:
                 stacked = torch.stack(self._losses)
-            except RuntimeError:  # the shapes differ
-                stacked = None
-            if stacked is None or stacked.ndim != 1:  # a non-scalar loss after the first batch
+            except RuntimeError:  # the shapes differ: () beside (1,), or a non-scalar loss
+                for loss in self._losses:
+                    _check_loss(loss)
+                stacked = torch.stack([loss.reshape(()) for loss in self._losses])
+            if stacked.ndim != 1:  # (1,) losses are fine; a non-scalar one after the first batch is not
                 for loss in self._losses:
                     _check_loss(loss)
             self._total = self._total + stacked.float().sum() * self._size
@@ -376,19 +380,10 @@ class LossTracker:
 
 
 def _check_loss(loss: Any) -> None:
-    """Raise the error for a loss that is not a scalar tensor (a value assigned to ``ctx.loss``)."""
-    if not isinstance(loss, torch.Tensor):
-        got = f"{type(loss).__name__} {loss!r}"
-    elif loss.ndim != 0:
-        got = f"shape {tuple(loss.shape)} (one value per sample?)"
-    else:
-        return
-    raise ValueError(
-        f"the loss must be a scalar tensor, got {got} in ctx.loss at the batch's end: reduce it "
-        "(reduction='mean' in the loss function, or .mean()); when changing ctx.loss, assign a "
-        "scalar tensor (e.g. ctx.loss = ctx.loss * 0, not 0.0), or call ctx.skip_batch() to "
-        "leave the batch out of the metrics"
-    ) from None
+    """Raise the error for a loss that is not a scalar (one-element) tensor."""
+    problem = loss_problem(loss)
+    if problem is not None:
+        raise ValueError(f"{problem}; ctx.loss at the batch's end") from None
 
 
 def metric_name(metric: Any) -> str:

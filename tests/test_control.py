@@ -984,3 +984,43 @@ def test_a_batch_skipped_after_a_hand_written_backward_leaks_no_gradient():
     )
     trainer.fit(make_batches(3, 2), epochs=1, callbacks=[skip])
     assert grads == [True, True, True]
+
+
+def test_a_batch_that_fails_to_split_is_not_blamed_on_the_step() -> None:
+    seen: list[bool] = []
+    calls = {"n": 0}
+
+    def unpack(batch: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyError("no 'features' in this batch")
+        return batch
+
+    trainer = make_trainer(unpack=unpack)
+    look = at("on_exception", lambda ctx: seen.append(ctx.in_batch))
+    with pytest.raises(KeyError) as info:
+        trainer.fit(make_batches(3, 2), epochs=1, callbacks=[look])
+    assert seen == [False]
+    assert "raised in the loop after 'on_train_batch_end' (epoch 1, batch 1)" in info.value.__notes__
+
+
+def test_max_steps_set_by_on_train_begin_counts_for_that_epoch() -> None:
+    limit = at("on_train_begin", lambda ctx: setattr(ctx, "max_steps", 2))
+    history = make_trainer().fit(make_batches(5, 2), epochs=1, callbacks=[limit])
+    assert history.stop_reason == "max_steps" and history.completed_epochs == 0
+
+
+def test_skip_batch_at_a_stage_emitted_after_the_batch_end_is_refused() -> None:
+    refused: list[str] = []
+
+    def skip(ctx: Any) -> None:
+        try:
+            ctx.skip_batch()
+        except RuntimeError as exc:
+            refused.append(str(exc))
+
+    emit = at("on_predict_batch_end", lambda ctx: ctx.emit("on_early_stopping"), it=1)
+    late = at("on_early_stopping", skip)
+    x = torch.randn(6, 3)
+    predictions = make_trainer().predict([(x[:3],), (x[3:],)], callbacks=[emit, late])
+    assert predictions.shape == (6, 1) and len(refused) == 1 and "no batch to skip" in refused[0]

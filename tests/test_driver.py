@@ -675,3 +675,64 @@ def test_a_coroutine_wakes_at_every_kind_of_stage_whether_by_filter_or_by_name(s
         except ZeroDivisionError:
             assert stage == "on_exception"
     assert woken == [stage]
+
+
+def test_an_error_in_setup_is_followed_by_on_exception() -> None:
+    seen: list[Any] = []
+    failing = corolux.callback(
+        "failing",
+        setup=lambda self, ctx: (_ for _ in ()).throw(TypeError("bad setup")),
+        on_exception=lambda self, ctx: seen.append(ctx.exception),
+    )()
+    stream: list[str] = []
+    with pytest.raises(TypeError, match="bad setup") as info:
+        for event in make_trainer().run(data(), epochs=1, callbacks=[failing]):
+            stream.append(str(event.stage))
+    assert stream == ["on_exception"] and seen == [info.value]
+    assert "in failing.setup" in info.value.__notes__
+
+
+def test_at_on_exception_the_error_and_its_traceback_are_ctx_exception() -> None:
+    # The handlers run after the loop's frame is gone: the error travels as ctx.exception,
+    # with its traceback (log it with logging.error(..., exc_info=ctx.exception)).
+    formatted: list[str] = []
+    boom = at("on_train_batch_end", lambda ctx: 1 / 0)
+    log = at("on_exception", lambda ctx: formatted.append("".join(traceback.format_exception(ctx.exception))))
+    with pytest.raises(ZeroDivisionError):
+        make_trainer().fit(data(), epochs=1, callbacks=[boom, log])
+    assert "ZeroDivisionError: division by zero" in formatted[0] and "<lambda>" in formatted[0]
+
+
+def test_a_consumer_throwing_at_on_exception_gets_one_on_exception_and_its_own_error() -> None:
+    boom = at("on_train_batch_end", lambda ctx: 1 / 0)
+    gen = make_trainer().run(data(), epochs=1, callbacks=[boom])
+    seen: list[str] = []
+    with pytest.raises(ValueError, match="consumer gave up"):
+        for event in gen:
+            seen.append(str(event.stage))
+            if event.stage == "on_exception":
+                gen.throw(ValueError("consumer gave up"))
+    assert seen.count("on_exception") == 1
+
+
+def test_two_callbacks_sharing_one_handler_function_are_each_named_in_errors() -> None:
+    calls: list[int] = []
+
+    def shared(ctx: Any) -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the second one fails")
+
+    class Hook(corolux.Callback):
+        def __init__(self, fn: Any) -> None:
+            self.on_epoch_end = fn
+
+    class First(Hook):
+        pass
+
+    class Second(Hook):
+        pass
+
+    with pytest.raises(RuntimeError) as info:
+        make_trainer().fit(data(), epochs=1, callbacks=[First(shared), Second(shared)])
+    assert info.value.__notes__[0] == "in Second.on_epoch_end"

@@ -192,3 +192,20 @@ def test_ctx_scaler_is_the_precisions_and_read_only():
     at = corolux.callback("at", on_fit_begin=lambda self, ctx: look(ctx))()
     trainer().fit(iris(), callbacks=[at])
     assert seen == [True]
+
+
+def test_the_scaler_is_updated_before_the_batch_end_handlers_run():
+    # As in a hand-written loop (scaler.step, scaler.update, then whatever comes next): a
+    # callback at on_train_batch_end sees this batch's update.
+    scales: list[float] = []
+
+    class Poison(corolux.Callback):
+        def on_train_batch_before_step(self, ctx):
+            if ctx.iter == 1:
+                next(ctx.model.parameters()).grad[0, 0] = float("inf")
+
+        def on_train_batch_end(self, ctx):
+            scales.append(ctx.scaler.get_scale())
+
+    trainer().fit(iris(), epochs=1, batch_size=50, callbacks=[Poison()])
+    assert scales == [2.0**15, 2.0**15, 2.0**15]  # backed off at batch 1's end, not batch 2's

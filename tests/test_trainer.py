@@ -1143,3 +1143,28 @@ def test_seed_makes_two_fits_identical():
     # control: a different seed shuffles and drops out differently
     h3, p3 = _seeded_fit(model, seed=8)
     assert not same_params(p1, p3)
+
+
+def test_a_one_element_loss_trains_as_the_scalar_one():
+    torch.manual_seed(0)
+    a, b = mlp(4, 3), mlp(4, 3)
+    b.load_state_dict(a.state_dict())
+    plain = make_trainer(a, seed=0).fit(iris(), epochs=2, batch_size=50)
+    shaped = make_trainer(b, seed=0, loss_fn=lambda pred, y: F.cross_entropy(pred, y).reshape(1)).fit(
+        iris(), epochs=2, batch_size=50
+    )
+    assert shaped["train_loss"] == plain["train_loss"]
+    assert same_params(params_of(a), params_of(b))
+
+
+def test_with_several_optimizers_a_loss_that_is_not_a_tensor_is_a_clear_error():
+    trainer = make_trainer(GanToy(), loss_fn=lambda pred, y: 0.5, optimizer={"gen": sgd(), "disc": sgd()})
+    with pytest.raises(ValueError, match="the loss must be a scalar tensor, got float 0.5"):
+        trainer.fit(iris())
+
+
+def test_the_bad_loss_error_shows_the_value_given_not_the_accumulated_share():
+    accumulate = Recorder(lambda stage, ctx: setattr(ctx, "accumulate_steps", 4), "on_fit_begin")
+    set_loss = Recorder(lambda stage, ctx: setattr(ctx, "loss", 1.0), "on_train_batch_after_loss")
+    with pytest.raises(ValueError, match="got float 1.0;"):
+        make_trainer().fit(iris(), callbacks=[accumulate, set_loss])
