@@ -9,12 +9,11 @@ import torch
 
 from corolux._suggest import did_you_mean
 from corolux.control import Signals
-from corolux.events import ONE_OFF_STAGES, SCOPE_STAGES, STEP_STAGES, Stage
+from corolux.events import BATCH_ENDS, ONE_OFF_STAGES, STEP_STAGES, Stage
 from corolux.history import History, plain_value
 from corolux.precision import Precision
 
 _NESTED_STAGES = frozenset(Stage) - ONE_OFF_STAGES
-_BATCH_ENDS = frozenset(stages[2] for stages in SCOPE_STAGES.values())
 _STEP_STAGE_NAMES = frozenset().union(*STEP_STAGES.values())
 #: The last stage of each kind of run: nothing is delivered after it.
 _LAST_STAGE = {"fit": Stage.on_fit_end, "evaluate": Stage.on_valid_end, "predict": Stage.on_predict_end}
@@ -249,7 +248,7 @@ class Context:
             RuntimeError: outside a batch (valid from ``on_*_batch_begin`` up to the last
                 stage before ``on_*_batch_end``).
         """
-        if not self._in_batch or self.stage in _BATCH_ENDS:
+        if not self._in_batch or self.stage in BATCH_ENDS:
             where = (
                 ""
                 if self._in_batch or self.stage not in _STEP_STAGE_NAMES

@@ -131,6 +131,8 @@ SCOPE_STAGES = {
     phase: tuple(Stage(f"on_{phase}_{part}") for part in ("begin", "batch_begin", "batch_end", "end"))
     for phase in PHASES
 }
+#: The ``on_*_batch_end`` stages: a batch is over there (no skip_batch, nothing after it).
+BATCH_ENDS = frozenset(stages[2] for stages in SCOPE_STAGES.values())
 #: Per phase, the stages its step may yield (a trainer's custom stages may come too).
 STEP_STAGES = {
     phase: frozenset(s for s in _BATCH_STAGES if s.phase == phase and not (s.is_begin or s.is_end))

@@ -28,7 +28,7 @@ import torch
 
 from corolux.context import Context, loss_problem
 from corolux.data import default_unpack, length, to_device
-from corolux.events import SCOPE_STAGES, Stage
+from corolux.events import BATCH_ENDS, SCOPE_STAGES, Stage
 
 __all__ = [
     "compute_loss",
@@ -46,7 +46,6 @@ Loop = Generator[Stage | str, None, None]
 
 _Tensor = torch.Tensor
 
-_BATCH_ENDS = frozenset(stages[2] for stages in SCOPE_STAGES.values())
 
 # Local names for the stages the hot path yields (one global lookup instead of two).
 TRAIN_AFTER_PRED = Stage.on_train_batch_after_pred
@@ -200,7 +199,7 @@ def _attend(ctx: Context) -> Loop:
     for a stop, raise ``KeyboardInterrupt`` here, inside the open scope."""
     signals = ctx.signals
     at = ctx.stage
-    if at in _BATCH_ENDS:
+    if at in BATCH_ENDS:
         ctx.end_batches()  # a stage emitted at *_batch_end comes after the batch: no skip_batch there
     stage = signals.next_emitted()
     while stage is not None:
