@@ -198,11 +198,13 @@ class Driver:
                 entries.setdefault(name, []).append((weight_of(cb, name), position, handler, cb))
         for name, items in entries.items():
             items.sort(key=_ORDER)
+            # One function given to two callbacks gets a distinct object each, so that an
+            # error is noted with the callback that ran it (owners are found by position).
             seen: set[int] = set()
             for i, (weight, position, handler, cb) in enumerate(items):
-                if id(handler) in seen:  # one function shared by two callbacks: a distinct
-                    items[i] = (weight, position, functools.partial(handler), cb)  # object each,
-                seen.add(id(handler))  # so an error is noted with the right one
+                if id(handler) in seen:
+                    items[i] = (weight, position, functools.partial(handler), cb)
+                seen.add(id(handler))
             slot = self.slots[name]
             slot.entries = tuple(items)
             slot.refresh()
