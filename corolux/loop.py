@@ -335,15 +335,22 @@ def _phase(
             ctx.end_batches()
         _settle(ctx)
         raise
+    yield from _end_phase(ctx, end, outputs, last)
+
+
+def _end_phase(ctx: Context, end: Stage, outputs: list[Any] | None, last: bool) -> Loop:
+    """``on_<phase>_end``, after a predict phase's outputs are joined into
+    ``ctx.predictions`` (interrupted or not); after the run's last stage a Ctrl-C has
+    nothing left to stop."""
     if outputs:
         try:
-            ctx.predictions = concat(outputs)  # before on_predict_end, interrupted or not
+            ctx.predictions = concat(outputs)
         except KeyboardInterrupt as exc:
             yield from _interrupt(ctx, exc)
     ctx.stage = end
     yield end
     if last:
-        ctx.signals.take_interrupt()  # the run's last stage: nothing is left to stop
+        ctx.signals.take_interrupt()
 
 
 def _settle(ctx: Context) -> None:
