@@ -6,9 +6,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset, random_split
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset, random_split
 
-__all__ = ["default_unpack", "length", "resolve_data", "split_validation", "to_device"]
+__all__ = ["TensorBatches", "default_unpack", "length", "resolve_data", "split_validation", "to_device"]
 
 DEFAULT_BATCH_SIZE = 32
 
@@ -61,9 +61,13 @@ def resolve_data(
         size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        # Pin host memory for fast non-blocking copies to the GPU (not tensors already there).
-        on_host = not (isinstance(data, TensorDataset) and data.tensors[0].device.type != "cpu")
-        pin = device.type == "cuda" and on_host
+        in_memory = None if iterable else _tensors_of(data)
+        if in_memory is not None:  # indexed directly: no per-sample __getitem__ and collate
+            tensors, indices = in_memory
+            pin = device.type == "cuda" and tensors[0].device.type == "cpu"
+            return TensorBatches(tensors, indices, batch_size=size, shuffle=shuffle, pin=pin)
+        # Pin host memory for fast non-blocking copies to the GPU.
+        pin = device.type == "cuda"
         return DataLoader(data, batch_size=size, shuffle=shuffle and not iterable, pin_memory=pin)
     if batch_size is not None:
         raise ValueError(
@@ -84,6 +88,105 @@ def resolve_data(
     if length(data) == 0:
         raise ValueError(f"{name} is empty (no batches); pass at least one batch")
     return data
+
+
+class TensorBatches:
+    """Batches of in-memory tensors, made by indexing them: how corolux batches a tensor pair,
+    inputs alone, a ``TensorDataset`` or a ``Subset`` of one (what ``valid_data=0.2`` makes),
+    instead of a ``DataLoader`` that would call ``__getitem__`` per sample and collate.
+
+    Each pass draws from torch's global RNG exactly what ``DataLoader(dataset, batch_size,
+    shuffle=shuffle)`` draws, in the same order: its iterator's base seed at ``iter()``, and,
+    when shuffled, its sampler's seed at the first batch, then one ``randperm`` from a
+    generator seeded with it. So a run is bit-identical to the textbook ``DataLoader`` loop
+    from the same seed. Shuffled batches are gathered with ``index_select`` (copies);
+    unshuffled batches of plain tensors are slices, views of your tensors (change ``ctx.input``
+    out of place). The last partial batch is kept. Tensors already on the device are batched
+    there; with ``pin``, CPU tensors are gathered into pinned memory for the loop's
+    non-blocking copy to the GPU.
+
+    Example:
+        >>> import torch
+        >>> batches = TensorBatches((torch.arange(5.0), torch.arange(5)), None, batch_size=2, shuffle=False)
+        >>> len(batches), [tuple(x.tolist()) for x, _ in batches]
+        (3, [(0.0, 1.0), (2.0, 3.0), (4.0,)])
+    """
+
+    def __init__(
+        self,
+        tensors: tuple[torch.Tensor, ...],
+        indices: torch.Tensor | None,
+        *,
+        batch_size: int,
+        shuffle: bool,
+        pin: bool = False,
+    ) -> None:
+        self.tensors = tensors
+        self.indices = indices  # the rows a Subset keeps, in its order (None: all of them)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.pin = pin
+        self.size = len(tensors[0]) if indices is None else len(indices)
+
+    def __len__(self) -> int:
+        return -(-self.size // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        torch.empty((), dtype=torch.int64).random_()  # as DataLoader's iterator draws its base seed
+        return self._batches()
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        size, step = self.size, self.batch_size
+        rows = self.indices
+        if self.shuffle:  # RandomSampler: a seed drawn at the first batch, then one randperm
+            seed = int(torch.empty((), dtype=torch.int64).random_().item())  # sync-ok: a CPU tensor
+            order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
+            rows = order if rows is None else rows[order.to(rows.device)]
+        if rows is None:  # unshuffled plain tensors: slices
+            for start in range(0, size, step):
+                yield self._slice(start, start + step)
+            return
+        rows = rows.to(self.tensors[0].device)
+        for start in range(0, size, step):
+            yield self._gather(rows[start : start + step])
+
+    def _slice(self, start: int, stop: int) -> tuple[torch.Tensor, ...]:
+        if not self.pin:
+            return tuple(t[start:stop] for t in self.tensors)
+        return tuple(_pinned(t[start:stop].shape, t).copy_(t[start:stop]) for t in self.tensors)
+
+    def _gather(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if not self.pin:
+            return tuple(t.index_select(0, rows) for t in self.tensors)
+        return tuple(
+            torch.index_select(t, 0, rows, out=_pinned((len(rows), *t.shape[1:]), t)) for t in self.tensors
+        )
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(str(tuple(t.shape)) for t in self.tensors)
+        return f"TensorBatches({shapes}, batch_size={self.batch_size}, shuffle={self.shuffle})"
+
+
+def _pinned(shape: tuple[int, ...] | torch.Size, like: torch.Tensor) -> torch.Tensor:
+    """Page-locked host memory for one batch (from torch's caching host allocator, which keeps a
+    block until the non-blocking copy reading it has finished)."""
+    return torch.empty(shape, dtype=like.dtype, pin_memory=True)
+
+
+def _tensors_of(data: Dataset) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None] | None:
+    """The tensors and kept rows of a ``TensorDataset`` or a ``Subset`` (of a ``Subset``...) of
+    one; None for any other dataset (a subclass may override ``__getitem__``)."""
+    indices: torch.Tensor | None = None
+    while type(data) is Subset:
+        kept = torch.as_tensor(data.indices, dtype=torch.long)
+        indices = kept if indices is None else kept[indices]
+        data = data.dataset
+    if type(data) is not TensorDataset:
+        return None
+    tensors = data.tensors
+    if indices is not None:
+        indices = indices.to(tensors[0].device)
+    return tensors, indices
 
 
 def length(data: Any) -> int | None:

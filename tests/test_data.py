@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from realdata import iris
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset, random_split
 
 import corolux
+from corolux.data import TensorBatches
 
 F = torch.nn.functional
 
@@ -520,3 +521,121 @@ def test_predict_over_a_dataloader_of_bare_tensors():
     expected = trainer.predict(x, batch_size=16)
     assert torch.equal(trainer.predict(DataLoader(x, batch_size=16)), expected)
     assert expected.shape == (40, 3)
+
+
+# -- in-memory data: batched by indexing, with a DataLoader's RNG draws ---------------------------
+
+
+def _textbook(model, opt, train_loader, valid_loader, epochs):
+    """pytorch/examples' loop: DataLoaders, dropout in training, no_grad validation."""
+    losses = []
+    for _ in range(epochs):
+        model.train()
+        for x, y in train_loader:
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach().clone())
+        if valid_loader is not None:
+            model.eval()
+            with torch.no_grad():
+                for x, y in valid_loader:
+                    losses.append(F.cross_entropy(model(x), y))
+    return losses
+
+
+def _dropout_net() -> torch.nn.Module:
+    torch.manual_seed(1)
+    return torch.nn.Sequential(
+        torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(16, 3)
+    )
+
+
+class LossLog(corolux.Callback):
+    def __init__(self) -> None:
+        self.losses: list[torch.Tensor] = []
+
+    def on_train_batch_after_loss(self, ctx) -> None:
+        self.losses.append(ctx.loss.detach().clone())
+
+    def on_valid_batch_after_loss(self, ctx) -> None:
+        self.losses.append(ctx.loss.detach().clone())
+
+
+@pytest.mark.parametrize("given", ["pair", "tensor_dataset", "fraction"])
+def test_in_memory_data_trains_bit_identically_to_the_textbook_dataloader_loop(given):
+    x, y = iris()
+    xv, yv = iris(40)
+    hand, ours = _dropout_net(), _dropout_net()
+    hand_opt = torch.optim.SGD(hand.parameters(), lr=0.1)
+    if given == "fraction":  # valid_data=0.2: the same random_split, then DataLoaders over the Subsets
+        train_part, valid_part = random_split(
+            TensorDataset(x, y), [120, 30], generator=torch.Generator().manual_seed(0)
+        )
+        loaders = DataLoader(train_part, batch_size=16, shuffle=True), DataLoader(valid_part, batch_size=16)
+    else:
+        loaders = (
+            DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True),
+            DataLoader(TensorDataset(xv, yv), batch_size=16),
+        )
+    torch.manual_seed(7)
+    expected = _textbook(hand, hand_opt, *loaders, epochs=3)
+    rng_after_hand = torch.get_rng_state()
+
+    train, valid = {
+        "pair": ((x, y), (xv, yv)),
+        "tensor_dataset": (TensorDataset(x, y), TensorDataset(xv, yv)),
+        "fraction": ((x, y), 0.2),
+    }[given]
+    trainer = trainer_for(ours, optimizer=torch.optim.SGD(ours.parameters(), lr=0.1))
+    log = LossLog()
+    torch.manual_seed(7)
+    trainer.fit(train, epochs=3, valid_data=valid, batch_size=16, callbacks=[log])
+    assert len(log.losses) == len(expected)
+    assert all(torch.equal(a, b) for a, b in zip(log.losses, expected, strict=True))
+    assert all(
+        torch.equal(a, b) for a, b in zip(hand.state_dict().values(), ours.state_dict().values(), strict=True)
+    )
+    assert torch.equal(torch.get_rng_state(), rng_after_hand)  # the same draws, no more and no fewer
+
+
+def test_in_memory_data_is_indexed_not_read_sample_by_sample():
+    class Counted(TensorDataset):
+        reads = 0
+
+        def __getitem__(self, index):
+            Counted.reads += 1
+            return super().__getitem__(index)
+
+    x, y = iris(64)
+    seen: list[type] = []
+    probe = corolux.callback("probe", on_fit_begin=lambda self, ctx: seen.append(type(ctx.train_data)))()
+    trainer_for().fit(TensorDataset(x, y), epochs=1, batch_size=16, callbacks=[probe])
+    assert seen[0].__name__ == "TensorBatches"
+    # A subclass may override __getitem__ (augmentation): it keeps going through a DataLoader.
+    trainer_for().fit(Counted(x, y), epochs=1, batch_size=16, callbacks=[probe])
+    assert seen[1] is DataLoader and Counted.reads == 64
+
+
+def test_validation_and_prediction_batches_of_a_tensor_are_views_without_copies():
+    x, y = iris(50)
+    storages: list[int] = []
+    probe = corolux.callback(
+        "probe",
+        on_valid_batch_begin=lambda self, ctx: storages.append(ctx.input.untyped_storage().data_ptr()),
+        on_predict_batch_begin=lambda self, ctx: storages.append(ctx.input.untyped_storage().data_ptr()),
+    )()
+    trainer = trainer_for()
+    trainer.evaluate((x, y), batch_size=20, callbacks=[probe])
+    trainer.predict(x, batch_size=20, callbacks=[probe])
+    assert storages == [x.untyped_storage().data_ptr()] * 6
+
+
+def test_in_memory_batches_have_a_dataloaders_length_and_sizes():
+    x, y = iris(70)
+    for batch_size in (1, 16, 70, 100):
+        batches = TensorBatches((x, y), None, batch_size=batch_size, shuffle=True)
+        loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True)
+        assert len(batches) == len(loader)
+        assert [len(b[0]) for b in batches] == [len(b[0]) for b in loader]
