@@ -12,6 +12,8 @@ from collections import deque
 from collections.abc import Callable, Collection, Iterator
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from corolux._suggest import unknown_stage_message
 from corolux.context import Context
 from corolux.control import graceful_sigint, warn_if_interrupted
@@ -107,6 +109,7 @@ class Stepper:
         self._stack: contextlib.ExitStack | None = None  # set during a call
         self._guarded = False
         self._in_phase = False  # between an on_<phase>_begin and its end, as seen here
+        self._grad_mode = torch.is_grad_enabled()  # the run's, kept while paused at the prompt
 
     # -- looking -------------------------------------------------------------------------------
 
@@ -274,7 +277,11 @@ class Stepper:
 
     @contextlib.contextmanager
     def _call(self) -> Iterator[None]:
-        """The duration of one call: Ctrl-C asks for a graceful stop; a second one aborts."""
+        """The duration of one call: Ctrl-C asks for a graceful stop; a second one aborts. The
+        run keeps its own grad mode (validation runs under ``no_grad``), and the prompt gets
+        the user's back between calls."""
+        users_grad = torch.is_grad_enabled()
+        torch.set_grad_enabled(self._grad_mode)
         with contextlib.ExitStack() as stack:
             self._stack = stack
             self._guard()
@@ -290,6 +297,8 @@ class Stepper:
             finally:
                 self._stack = None
                 self._guarded = False
+                self._grad_mode = torch.is_grad_enabled()
+                torch.set_grad_enabled(users_grad)
 
     def _guard(self) -> None:
         if self._stack is not None and not self._guarded and self._ctx is not None:

@@ -152,19 +152,16 @@ def train_step(ctx: Context) -> Generator[Stage, None, None]:
 
 
 def valid_step(ctx: Context) -> Generator[Stage, None, None]:
-    """The default validation step: forward and loss under ``torch.no_grad()``."""
-    with torch.no_grad():
-        ctx.pred = forward(ctx)
+    """The default validation step: forward and loss (the phase runs under ``torch.no_grad()``)."""
+    ctx.pred = forward(ctx)
     yield VALID_AFTER_PRED
-    with torch.no_grad():
-        ctx.loss = compute_loss(ctx)
+    ctx.loss = compute_loss(ctx)
     yield VALID_AFTER_LOSS
 
 
 def predict_step(ctx: Context) -> Generator[Stage, None, None]:
-    """The default prediction step: forward under ``torch.no_grad()``."""
-    with torch.no_grad():
-        ctx.pred = forward(ctx)
+    """The default prediction step: forward (the phase runs under ``torch.no_grad()``)."""
+    ctx.pred = forward(ctx)
     yield PREDICT_AFTER_PRED
 
 
@@ -256,86 +253,89 @@ def _phase(
     yield_begin = batch_begin not in pass_over
     yield_end = batch_end not in pass_over
     exhausted = between = False
-    try:
-        yield from _at(ctx, begin)
-        max_steps = ctx.max_steps  # as set by on_<phase>_begin at the latest
-        # A hand-written loop's order of work: the next batch is requested only after this
-        # one's *_batch_end handlers ran (data may depend on the model, and a dataset's RNG
-        # draws interleave with the step's as in `for x, y in loader:`); after a stop, none is.
-        # On CUDA the copy is non-blocking and kernels are asynchronous: the CPU runs ahead.
-        batches = iter(data) if ctx.stop_reason is None else iter(())  # a stop at *_begin: none
-        for batch in batches:
-            if move:
-                batch = to_device(batch, device)
-            if pairs and type(batch) is tuple and len(batch) == 2:
-                x, y = batch  # the common layout, without a call
+    # Validation and prediction run under one torch.no_grad() for the whole phase; its handlers
+    # (and a consumer of run()) run inside it too (DESIGN section 8).
+    with contextlib.nullcontext() if training else torch.no_grad():
+        try:
+            yield from _at(ctx, begin)
+            max_steps = ctx.max_steps  # as set by on_<phase>_begin at the latest
+            # A hand-written loop's order of work: the next batch is requested only after this
+            # one's *_batch_end handlers ran (data may depend on the model, and a dataset's RNG
+            # draws interleave with the step's as in `for x, y in loader:`); after a stop, none is.
+            # On CUDA the copy is non-blocking and kernels are asynchronous: the CPU runs ahead.
+            batches = iter(data) if ctx.stop_reason is None else iter(())  # a stop at *_begin: none
+            for batch in batches:
+                if move:
+                    batch = to_device(batch, device)
+                if pairs and type(batch) is tuple and len(batch) == 2:
+                    x, y = batch  # the common layout, without a call
+                else:
+                    x, y = unpack(batch)
+                between = False
+                ctx.begin_batch(batch, x, y)
+                stages = None
+                try:
+                    ctx.stage = batch_begin
+                    if yield_begin:
+                        yield batch_begin
+                    if signals.pending:
+                        yield from _attend(ctx)
+                    if not ctx.skipped:
+                        stages = step(ctx)
+                        for stage in stages:
+                            if stage is TRAIN_AFTER_STEP:  # ctx.step counts here (and in _step_open_window)
+                                ctx.step = count = ctx.step + 1
+                                if max_steps is not None and count >= max_steps and not ctx.is_last_batch:
+                                    # On an epoch's last batch the epoch ends first (fit_loop stops
+                                    # after it); without a length that batch is not known, so the
+                                    # stop cuts the epoch short there.
+                                    ctx.stop_training("max_steps")
+                            ctx.stage = stage
+                            if stage not in pass_over:
+                                yield stage
+                            if signals.pending:
+                                yield from _attend(ctx)
+                            if ctx.skipped:
+                                stages.close()
+                                break
+                    if settle or ctx.skipped:  # the cases end_batch() has work for (see its docstring)
+                        ctx.end_batch()
+                except KeyboardInterrupt as exc:  # the phase's end settles what it cut short
+                    ctx.skipped = True  # an interrupted batch is neither counted nor kept
+                    if stages is not None:
+                        stages.close()  # the step's own cleanup (with blocks) runs before on_interrupt
+                    yield from _interrupt(ctx, exc)
+                try:
+                    ctx.stage = batch_end
+                    if yield_end:
+                        yield batch_end
+                    if signals.pending:
+                        yield from _attend(ctx)
+                finally:  # also when a Ctrl-C during *_batch_end ends the phase: this batch is done
+                    if outputs is not None and not ctx.skipped:
+                        outputs.append(ctx.pred)
+                if ctx.stop_reason is not None:
+                    break  # before the next batch is requested
+                between = True  # what fails from here to the next batch is the data's (or the loop's)
             else:
-                x, y = unpack(batch)
-            between = False
-            ctx.begin_batch(batch, x, y)
-            stages = None
-            try:
-                ctx.stage = batch_begin
-                if yield_begin:
-                    yield batch_begin
-                if signals.pending:
-                    yield from _attend(ctx)
-                if not ctx.skipped:
-                    stages = step(ctx)
-                    for stage in stages:
-                        if stage is TRAIN_AFTER_STEP:  # ctx.step counts here (and in _step_open_window)
-                            ctx.step = count = ctx.step + 1
-                            if max_steps is not None and count >= max_steps and not ctx.is_last_batch:
-                                # On an epoch's last batch the epoch ends first (fit_loop stops
-                                # after it); without a length that batch is not known, so the
-                                # stop cuts the epoch short there.
-                                ctx.stop_training("max_steps")
-                        ctx.stage = stage
-                        if stage not in pass_over:
-                            yield stage
-                        if signals.pending:
-                            yield from _attend(ctx)
-                        if ctx.skipped:
-                            stages.close()
-                            break
-                if settle or ctx.skipped:  # the cases end_batch() has work for (see its docstring)
-                    ctx.end_batch()
-            except KeyboardInterrupt as exc:  # the phase's end settles what it cut short
-                ctx.skipped = True  # an interrupted batch is neither counted nor kept
-                if stages is not None:
-                    stages.close()  # the step's own cleanup (with blocks) runs before on_interrupt
-                yield from _interrupt(ctx, exc)
-            try:
-                ctx.stage = batch_end
-                if yield_end:
-                    yield batch_end
-                if signals.pending:
-                    yield from _attend(ctx)
-            finally:  # also when a Ctrl-C during *_batch_end ends the phase: this batch is done
-                if outputs is not None and not ctx.skipped:
-                    outputs.append(ctx.pred)
-            if ctx.stop_reason is not None:
-                break  # before the next batch is requested
-            between = True  # what fails from here to the next batch is the data's (or the loop's)
-        else:
-            if ctx.iter == 0 and ctx.stop_reason is None:
-                raise ValueError(f"the {phase} data yielded no batches; pass at least one batch")
-            exhausted = ctx.stop_reason is None
-        ctx.end_batches()
-        if exhausted and training:
-            ctx.is_last_batch = True  # now known: the data has ended
-            yield from _step_open_window(ctx)
-        _settle(ctx)
-    except KeyboardInterrupt as exc:
-        ctx.end_batches()
-        _settle(ctx)
-        yield from _interrupt(ctx, exc)
-    except BaseException as exc:  # an error, or close(): settle, and let it through
-        if between or isinstance(exc, GeneratorExit):  # no batch is open any more
+                if ctx.iter == 0 and ctx.stop_reason is None:
+                    raise ValueError(f"the {phase} data yielded no batches; pass at least one batch")
+                exhausted = ctx.stop_reason is None
             ctx.end_batches()
-        _settle(ctx)
-        raise
-    yield from _end_phase(ctx, end, outputs, last)
+            if exhausted and training:
+                ctx.is_last_batch = True  # now known: the data has ended
+                yield from _step_open_window(ctx)
+            _settle(ctx)
+        except KeyboardInterrupt as exc:
+            ctx.end_batches()
+            _settle(ctx)
+            yield from _interrupt(ctx, exc)
+        except BaseException as exc:  # an error, or close(): settle, and let it through
+            if between or isinstance(exc, GeneratorExit):  # no batch is open any more
+                ctx.end_batches()
+            _settle(ctx)
+            raise
+        yield from _end_phase(ctx, end, outputs, last)
 
 
 def _end_phase(ctx: Context, end: Stage, outputs: list[Any] | None, last: bool) -> Loop:

@@ -1168,3 +1168,38 @@ def test_the_bad_loss_error_shows_the_value_given_not_the_accumulated_share():
     set_loss = Recorder(lambda stage, ctx: setattr(ctx, "loss", 1.0), "on_train_batch_after_loss")
     with pytest.raises(ValueError, match="got float 1.0;"):
         make_trainer().fit(iris(), callbacks=[accumulate, set_loss])
+
+
+def test_validation_and_prediction_run_under_one_no_grad_for_the_whole_phase():
+    modes: list[tuple[str, bool]] = []
+    stages = (
+        "on_train_batch_begin",
+        "on_train_end",
+        "on_valid_begin",
+        "on_valid_batch_begin",
+        "on_valid_batch_after_loss",
+        "on_valid_end",
+        "on_epoch_end",
+        "on_predict_begin",
+        "on_predict_batch_after_pred",
+        "on_predict_end",
+    )
+    record = Recorder(lambda stage, ctx: modes.append((stage, torch.is_grad_enabled())), *stages)
+    trainer = make_trainer()
+    trainer.fit(iris(), epochs=1, batch_size=75, valid_data=iris(), callbacks=[record])
+    trainer.predict(iris()[0], batch_size=75, callbacks=[record])
+    grad = {stage: mode for stage, mode in modes}
+    assert grad["on_train_batch_begin"] and grad["on_train_end"] and grad["on_epoch_end"]
+    assert not any(mode for stage, mode in modes if "valid" in stage or "predict" in stage)
+    assert torch.is_grad_enabled()  # restored after the run
+
+
+def test_a_stepper_paused_in_validation_gives_the_prompt_its_grad_mode_back():
+    trainer = make_trainer()
+    s = trainer.stepper(iris(), epochs=2, batch_size=75, valid_data=iris())
+    event = s.until("on_valid_batch_after_pred")
+    assert event is not None and not event.ctx.pred.requires_grad  # the forward ran under no_grad
+    assert torch.is_grad_enabled()  # at the prompt: the user's mode
+    assert s.until("on_valid_batch_after_loss") is not None and not s.ctx.loss.requires_grad
+    history = s.finish()
+    assert len(history) == 2 and torch.is_grad_enabled()
