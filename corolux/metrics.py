@@ -339,18 +339,17 @@ class LossTracker:
         self._count = 0
 
     def update(self, loss: torch.Tensor, size: int) -> None:
-        if size != self._size:  # the first batch, or a new batch size: also check the loss
-            self._fold()
-            self._size = size
-            _check_loss(loss)
         losses = self._losses
+        if size != self._size or len(losses) >= self.fold_every:
+            self._fold()  # a new batch size (the first batch too), or enough kept
+            if size != self._size:
+                self._size = size
+                _check_loss(loss)
         try:
             losses.append(loss.detach())
         except AttributeError:  # not a tensor; the try costs nothing on the normal path
             _check_loss(loss)
             raise
-        if len(losses) >= self.fold_every:
-            self._fold()
 
     def _fold(self) -> None:
         if self._losses:
