@@ -346,7 +346,9 @@ class LossTracker:
                 self._size = size
                 _check_loss(loss)
         try:
-            losses.append(loss.detach())
+            # .data: the value without its graph, as detach() gives it, in 300 instead of 500 ns
+            # (and without detach's version counter, which a kept loss value does not need).
+            losses.append(loss.data)
         except AttributeError:  # not a tensor; the try costs nothing on the normal path
             _check_loss(loss)
             raise
