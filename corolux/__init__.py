@@ -6,6 +6,7 @@ reaches you; ``fit()`` drives the same loop to the end.
 """
 
 from corolux import callbacks as callbacks
+from corolux import checkpoint as checkpoint
 from corolux import metrics as metrics
 from corolux.arguments import seed_everything as seed_everything
 from corolux.callback import Callback as Callback
@@ -39,6 +40,7 @@ __all__ = [
     "__version__",
     "callback",
     "callbacks",
+    "checkpoint",
     "coroutine",
     "every",
     "fit",

@@ -96,6 +96,8 @@ class Context:
         "unpack",
         "stages",
         "signals",
+        "resume_from",
+        "data_state",
         "_in_batch",
         "_backward_iter",
         "_validation_skipped",
@@ -174,6 +176,13 @@ class Context:
         self.stages = stages
         #: Emitted stages and Ctrl-C, which the loop acts on after each stage.
         self.signals = Signals()
+        #: A checkpoint to continue from (a path, or a state from ``corolux.checkpoint``): the
+        #: loop restores it after the callbacks' ``setup`` and before ``on_fit_begin``.
+        self.resume_from: Any = None
+        #: What this epoch's pass over the training data drew its order from
+        #: (``corolux.data.pass_state``), and under ``"valid"`` the torch RNG state as its
+        #: validation began: for checkpoints taken inside the epoch. None before the pass.
+        self.data_state: dict[str, Any] | None = None
         self._in_batch = False
         self._backward_iter = 0
         self._validation_skipped = False
@@ -286,6 +295,12 @@ class Context:
             )
         self.signals.emit(stage)
 
+    def after_stage(self, fn: Callable[[Context], Any]) -> None:
+        """Call ``fn(ctx)`` once the current stage is over: after every handler of it ran
+        (weight ``inf`` included) and the consumer had the event, before the loop goes on.
+        What a checkpoint callback uses to save the state the stage's handlers left."""
+        self.signals.after_stage(lambda: fn(self))
+
     def request_interrupt(self) -> None:
         """Ask for a graceful stop at the next stage, as Ctrl-C does under ``fit()``."""
         self.signals.request()
@@ -386,6 +401,7 @@ class Context:
         """For the loop: epoch ``epoch`` starts, with fresh metrics."""
         self.epoch = epoch
         self.metrics = {}
+        self.data_state = None
         self._validation_skipped = False
         self._epoch_ended = False
 

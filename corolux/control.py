@@ -18,7 +18,7 @@ import signal
 import threading
 import warnings
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -86,17 +86,19 @@ class Signals:
     - After the run's last stage there is nothing left to stop: a request made there is
       dropped (the run ran to its end).
 
-    Invariant: ``pending`` is true exactly when ``emitted`` is not empty or a stop is
-    requested and not yet taken. Only the methods below change these fields.
+    Invariant: ``pending`` is true exactly when ``emitted`` or ``after`` is not empty or a
+    stop is requested and not yet taken. Only the methods below change these fields.
     """
 
-    __slots__ = ("pending", "emitted", "_requested", "_stopping", "sigints")
+    __slots__ = ("pending", "emitted", "after", "_requested", "_stopping", "sigints")
 
     def __init__(self) -> None:
         #: Something waits for the loop (read after every stage, so a plain attribute).
         self.pending = False
         #: Stages emitted with ``ctx.emit()``, delivered in order after the current stage.
         self.emitted: deque[str] = deque()
+        #: Work to run once every handler of the current stage has run (``ctx.after_stage``).
+        self.after: deque[Callable[[], None]] = deque()
         self._requested = False
         self._stopping = False
         #: SIGINTs received while :func:`graceful_sigint` was installed.
@@ -108,6 +110,20 @@ class Signals:
         """Queue a one-off stage for the loop to yield after the current one."""
         self.emitted.append(stage)
         self.pending = True
+
+    def after_stage(self, fn: Callable[[], None]) -> None:
+        """Queue ``fn()`` for the loop to run once the current stage is over (every handler
+        ran, and the consumer had the event), before any emitted stage."""
+        self.after.append(fn)
+        self.pending = True
+
+    def next_after(self) -> Callable[[], None] | None:
+        """The next queued after-stage function, or None when none waits."""
+        if not self.after:
+            return None
+        fn = self.after.popleft()
+        self._recompute()
+        return fn
 
     def next_emitted(self) -> str | None:
         """The next emitted stage, or None when none waits."""
@@ -121,7 +137,7 @@ class Signals:
         # Cleared first, then set again if needed: a SIGINT handler that runs in between sets
         # it itself, so a request is never lost to a stale read.
         self.pending = False
-        if self.emitted or self._requested:
+        if self.emitted or self.after or self._requested:
             self.pending = True
 
     # -- Ctrl-C ----------------------------------------------------------------------------

@@ -2,13 +2,36 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset, random_split
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    Subset,
+    SubsetRandomSampler,
+    TensorDataset,
+    WeightedRandomSampler,
+    random_split,
+)
 
-__all__ = ["TensorBatches", "default_unpack", "length", "resolve_data", "split_validation", "to_device"]
+__all__ = [
+    "TensorBatches",
+    "default_unpack",
+    "fast_forward_problem",
+    "length",
+    "pass_state",
+    "resolve_data",
+    "resume_batches",
+    "split_validation",
+    "to_device",
+]
 
 DEFAULT_BATCH_SIZE = 32
 
@@ -132,22 +155,33 @@ class TensorBatches:
         return -(-self.size // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        torch.empty((), dtype=torch.int64).random_()  # as DataLoader's iterator draws its base seed
-        return self._batches()
+        return self.iter_from(0)
 
-    def _batches(self) -> Iterator[tuple[torch.Tensor, ...]]:
+    def iter_from(
+        self, skip: int, then: Callable[[], None] | None = None
+    ) -> Iterator[tuple[torch.Tensor, ...]]:
+        """The pass that ``iter()`` starts, with its first ``skip`` batches left out by index
+        (nothing is gathered for them); ``then()`` runs once they are, before the next batch
+        is made (a resume sets the RNG state there)."""
+        torch.empty((), dtype=torch.int64).random_()  # as DataLoader's iterator draws its base seed
+        return self._batches(skip, then)
+
+    def _batches(self, skip: int, then: Callable[[], None] | None) -> Iterator[tuple[torch.Tensor, ...]]:
         size, step = self.size, self.batch_size
         rows = self.indices
         if self.shuffle:  # RandomSampler: a seed drawn at the first batch, then one randperm
             seed = int(torch.empty((), dtype=torch.int64).random_().item())  # sync-ok: a CPU tensor
             order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
             rows = order if rows is None else rows[order.to(rows.device)]
+        if then is not None:
+            then()
+        first = skip * step
         if rows is None:  # unshuffled plain tensors: slices
-            for start in range(0, size, step):
+            for start in range(first, size, step):
                 yield self._slice(start, start + step)
             return
         rows = rows.to(self.tensors[0].device)
-        for start in range(0, size, step):
+        for start in range(first, size, step):
             yield self._gather(rows[start : start + step])
 
     def _slice(self, start: int, stop: int) -> tuple[torch.Tensor, ...]:
@@ -318,3 +352,113 @@ def batch_size_of(obj: Any) -> int:
 def _short(obj: Any, limit: int = 60) -> str:
     text = repr(obj)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# -- resuming a pass inside an epoch -----------------------------------------------------------
+#
+# A checkpoint taken inside an epoch holds what the epoch's pass over the training data drew
+# its order from (``pass_state``, recorded by the loop just before ``iter(data)``) and the
+# number of batches done. ``resume_batches`` replays the same order from that state and skips
+# the batches done by index, without loading them; then the RNG state of the save is set again,
+# so the next batch, and every draw after it, is the uninterrupted run's.
+
+#: The samplers whose order depends only on torch's global RNG and their own generator.
+_REPLAYABLE_SAMPLERS = (
+    RandomSampler,
+    SequentialSampler,
+    SubsetRandomSampler,
+    WeightedRandomSampler,
+    DistributedSampler,
+)
+
+
+def _generators(data: Any) -> list[torch.Generator | None]:
+    """The generators a DataLoader's pass draws from besides the global RNG: the loader's own
+    (its workers' base seed) and its sampler's (None where there is none)."""
+    if not isinstance(data, DataLoader):
+        return []
+    return [data.generator, getattr(data.sampler, "generator", None)]
+
+
+def pass_state(data: Any) -> dict[str, Any]:
+    """What a pass over ``data`` draws its order from, taken just before ``iter(data)``:
+    torch's global RNG state and the states of the DataLoader's own generators."""
+    return {
+        "torch": torch.get_rng_state(),
+        "generators": [None if g is None else g.get_state() for g in _generators(data)],
+    }
+
+
+def fast_forward_problem(data: Any) -> str | None:
+    """Why a pass over ``data`` cannot be resumed at a given batch by index, or None when it
+    can: corolux's in-memory batches, a list or tuple of batches, and a DataLoader over a
+    map-style Dataset with one of torch's samplers."""
+    if isinstance(data, (TensorBatches, list, tuple)):
+        return None
+    if isinstance(data, DataLoader):
+        if type(data) is not DataLoader:
+            return f"it is a {type(data).__name__}, a DataLoader subclass, which corolux cannot rebuild"
+        if isinstance(data.dataset, IterableDataset):
+            return "its dataset is an IterableDataset, which has no index to skip to"
+        if type(data.batch_sampler) is not BatchSampler or not isinstance(data.sampler, _REPLAYABLE_SAMPLERS):
+            shown = data.sampler if data.batch_sampler is None else data.batch_sampler
+            return (
+                f"its sampler ({type(shown).__name__}) is not one of torch's own, whose order "
+                "corolux can replay"
+            )
+        return None
+    return f"it is a {type(data).__name__}, an iterable without an index to skip to"
+
+
+def resume_batches(data: Any, state: Mapping[str, Any], skip: int, then: Callable[[], None]) -> Iterator[Any]:
+    """The pass over ``data`` that started from ``state`` (:func:`pass_state`), without its
+    first ``skip`` batches; ``then()`` runs once they are skipped, before the next batch is
+    made. ``data`` must pass :func:`fast_forward_problem`."""
+    torch.set_rng_state(state["torch"])
+    for generator, saved in zip(_generators(data), state["generators"], strict=False):
+        if generator is not None and saved is not None:
+            generator.set_state(saved)
+    if isinstance(data, TensorBatches):
+        return data.iter_from(skip, then)
+    if isinstance(data, DataLoader):
+        return iter(_rebuilt(data, _SkipBatches(data.batch_sampler, skip, then)))
+    assert isinstance(data, Sequence)
+    then()
+    return iter(data[skip:])
+
+
+class _SkipBatches:
+    """A batch sampler that runs ``sampler`` (same draws, same order) and leaves out its
+    first ``skip`` batches of indices, calling ``then()`` before the next one."""
+
+    def __init__(self, sampler: Any, skip: int, then: Callable[[], None]) -> None:
+        self.sampler, self.skip, self.then = sampler, skip, then
+
+    def __len__(self) -> int:
+        return max(len(self.sampler) - self.skip, 0)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = iter(self.sampler)
+        for _ in range(self.skip):
+            next(batches, None)
+        self.then()
+        yield from batches
+
+
+def _rebuilt(loader: DataLoader, batch_sampler: Any) -> DataLoader:
+    """A DataLoader like ``loader`` that takes its batches of indices from ``batch_sampler``."""
+    workers = loader.num_workers
+    return DataLoader(
+        loader.dataset,
+        batch_sampler=batch_sampler,
+        num_workers=workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context if workers else None,
+        generator=loader.generator,
+        prefetch_factor=loader.prefetch_factor if workers else None,
+        persistent_workers=loader.persistent_workers,
+        in_order=loader.in_order,
+    )

@@ -214,14 +214,27 @@ class Driver:
 
     # -- the run -------------------------------------------------------------------------------
 
-    def start(self, make_loop: MakeLoop, *, consumer: bool = True) -> Generator[Event, None, None]:
+    def start(
+        self,
+        make_loop: MakeLoop,
+        *,
+        consumer: bool = True,
+        finished: Callable[[Context], None] | None = None,
+    ) -> Generator[Event, None, None]:
         """Return the run's event generator (what ``Trainer.run()`` returns); nothing runs
-        until its first ``next()``. ``context_of(gen)`` finds this run's ``ctx``."""
-        gen = self.events(make_loop, consumer=consumer)
+        until its first ``next()``. ``context_of(gen)`` finds this run's ``ctx``;
+        ``finished(ctx)`` is called once the run has ended, after every teardown."""
+        gen = self.events(make_loop, consumer=consumer, finished=finished)
         _CONTEXTS[gen] = self.ctx
         return gen
 
-    def events(self, make_loop: MakeLoop, *, consumer: bool = True) -> Generator[Event, None, None]:
+    def events(
+        self,
+        make_loop: MakeLoop,
+        *,
+        consumer: bool = True,
+        finished: Callable[[Context], None] | None = None,
+    ) -> Generator[Event, None, None]:
         """Set up, drive the loop and its callbacks, tear down; yield each Event.
 
         ``consumer=False`` (``fit()``, ``evaluate()``, ``predict()``) runs the same delivery
@@ -292,6 +305,8 @@ class Driver:
                 module.training = training
             self._close_coroutines()
             self._call_each("teardown", escaping)
+            if finished is not None and loop is not None:
+                finished(ctx)
 
     def _note_escaping(self, exc: Exception) -> None:
         """An error escapes the loop: note where it was raised (unless a handler's note says

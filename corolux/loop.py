@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Collection, Container, Generator, Iterable, Mapping
+import warnings
+from collections.abc import Callable, Collection, Container, Generator, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 
+from corolux.checkpoint import ResumePoint, resume, set_rng_state
 from corolux.context import Context, loss_problem
-from corolux.data import default_unpack, length, to_device
+from corolux.data import default_unpack, fast_forward_problem, length, pass_state, resume_batches, to_device
 from corolux.events import BATCH_ENDS, SCOPE_STAGES, Stage
 
 __all__ = [
@@ -192,12 +194,17 @@ def _at(ctx: Context, stage: Stage) -> Loop:
 
 
 def _attend(ctx: Context) -> Loop:
-    """After a stage: yield the stages callbacks emitted, in order; then, if Ctrl-C asked
+    """After a stage: run the work queued with ``ctx.after_stage``, yield the stages
+    callbacks emitted, in order; then, if Ctrl-C asked
     for a stop, raise ``KeyboardInterrupt`` here, inside the open scope."""
     signals = ctx.signals
     at = ctx.stage
     if at in BATCH_ENDS:
         ctx.end_batches()  # a stage emitted at *_batch_end comes after the batch: no skip_batch there
+    after = signals.next_after()
+    while after is not None:
+        after()
+        after = signals.next_after()
     stage = signals.next_emitted()
     while stage is not None:
         ctx.stage = stage
@@ -229,17 +236,22 @@ def _phase(
     allowed: Collection[str] | None,
     pass_over: Container[str],
     last: bool = False,
+    resume: ResumePoint | None = None,
 ) -> Loop:
     """One pass over ``data``: ``on_<phase>_begin``, a step per batch between
     ``on_<phase>_batch_begin`` and ``_end``, then ``on_<phase>_end``.
 
     ``allowed`` checks a custom step's stages (None for the built-in steps); ``pass_over``
     is described in the module docstring; ``last`` says ``on_<phase>_end`` is the run's
-    last stage (evaluate, predict).
+    last stage (evaluate, predict). ``resume`` continues a training pass that a checkpoint
+    cut: ``ctx.iter`` starts at its batches done (so ``on_train_begin`` sees them) and the
+    pass goes on with the next batch of the same order.
     """
     begin, batch_begin, batch_end, end = SCOPE_STAGES[phase]
     training = phase == "train"
     ctx.begin_phase(phase, data, length(data))
+    if resume is not None:
+        ctx.iter = resume.batches_done
     ctx.model.train(training)
     outputs: list[Any] | None = [] if phase == "predict" else None
     if allowed is not None:  # a custom step: its yields are checked (one generator more)
@@ -263,7 +275,19 @@ def _phase(
             # one's *_batch_end handlers ran (data may depend on the model, and a dataset's RNG
             # draws interleave with the step's as in `for x, y in loader:`); after a stop, none is.
             # On CUDA the copy is non-blocking and kernels are asynchronous: the CPU runs ahead.
-            batches = iter(data) if ctx.stop_reason is None else iter(())  # a stop at *_begin: none
+            if ctx.stop_reason is not None:
+                batches: Iterator[Any] = iter(())  # a stop at *_begin: no batch
+            elif not training:
+                batches = iter(data)
+            elif resume is None:
+                ctx.data_state = pass_state(data)  # what this pass's order comes from (checkpoints)
+                batches = iter(data)
+            else:
+                ctx.data_state = resume.data_state
+                rng = resume.rng
+                batches = resume_batches(
+                    data, resume.data_state, resume.batches_done, lambda: set_rng_state(rng)
+                )
             for batch in batches:
                 if move:
                     batch = to_device(batch, device)
@@ -318,7 +342,7 @@ def _phase(
                     break  # before the next batch is requested
                 between = True  # what fails from here to the next batch is the data's (or the loop's)
             else:
-                if ctx.iter == 0 and ctx.stop_reason is None:
+                if ctx.iter == 0 and ctx.stop_reason is None and resume is None:
                     raise ValueError(f"the {phase} data yielded no batches; pass at least one batch")
                 exhausted = ctx.stop_reason is None
             ctx.end_batches()
@@ -432,17 +456,30 @@ def fit_loop(
     history = ctx.history
     signals = ctx.signals
     try:
+        point = _resume(ctx) if ctx.resume_from is not None else None
         yield from _at(ctx, Stage.on_fit_begin)
         for epoch in range(ctx.completed_epochs + 1, ctx.max_epochs + 1):
             if ctx.stop_reason is not None:
                 break
             ctx.begin_epoch(epoch)
+            resumed = point if point is not None and point.epoch == epoch else None
+            if resumed is not None:
+                ctx.metrics.update(resumed.metrics)  # what ctx.log recorded before the checkpoint
             try:
                 yield from _at(ctx, Stage.on_epoch_begin)
-                yield from _phase(ctx, "train", ctx.train_data, train, allowed["train"], pass_over)
+                if resumed is None or resumed.phase == "train":
+                    yield from _phase(
+                        ctx, "train", ctx.train_data, train, allowed["train"], pass_over, resume=resumed
+                    )
+                else:  # the checkpoint was taken in validation: training is done, validation runs again
+                    ctx.data_state = resumed.data_state
                 if signals.pending:
                     yield from _attend(ctx)
                 if ctx.valid_data is not None and ctx.stop_reason is None and not ctx.validation_skipped:
+                    if resumed is not None and resumed.phase == "valid" and resumed.data_state is not None:
+                        torch.set_rng_state(resumed.data_state["valid"])  # as the validation began
+                    elif ctx.data_state is not None:
+                        ctx.data_state["valid"] = torch.get_rng_state()  # a checkpoint in it runs it again
                     yield from _phase(ctx, "valid", ctx.valid_data, valid, allowed["valid"], pass_over)
                     if signals.pending:
                         yield from _attend(ctx)
@@ -461,6 +498,28 @@ def fit_loop(
     ctx.stage = Stage.on_fit_end
     yield Stage.on_fit_end
     signals.take_interrupt()  # the run's last stage: nothing is left to stop (ctx.emit refuses it)
+
+
+def _resume(ctx: Context) -> ResumePoint | None:
+    """Restore the checkpoint asked for in ``ctx.resume_from``; return where inside an epoch
+    it continues (None: at the start of the next one). Data whose pass cannot be resumed at
+    a batch by index resumes at the start of the interrupted epoch, with a warning."""
+    source, ctx.resume_from = ctx.resume_from, None
+    point = resume(ctx, source)
+    if point is not None and point.phase == "train":
+        problem = fast_forward_problem(ctx.train_data)
+        if problem is not None:
+            warnings.warn(
+                f"the checkpoint was taken after batch {point.batches_done} of epoch {point.epoch}, "
+                f"but the training data cannot be resumed at a batch: {problem}; epoch "
+                f"{point.epoch} runs again from its start (from the weights of the checkpoint). "
+                "Pass a Dataset, tensors, a list of batches or a DataLoader with torch's samplers "
+                "to resume at the next batch",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return None
+    return point
 
 
 def evaluate_loop(

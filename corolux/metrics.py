@@ -28,7 +28,9 @@ __all__ = [
     "Mean",
     "Metric",
     "MulticlassAUROC",
+    "load_metric_state",
     "metric_name",
+    "metric_state",
 ]
 
 
@@ -72,6 +74,13 @@ class _SumMetric:
 
     def compute(self) -> float:
         return self._mean()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The accumulated sums (for checkpoints taken inside an epoch)."""
+        return {"total": self.total, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.total, self.count = state["total"], state["count"]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
@@ -158,6 +167,19 @@ class _BinnedAUROC:
     def reset(self) -> None:
         self.positives: torch.Tensor | None = None
         self.negatives: torch.Tensor | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The score histograms (for checkpoints taken inside an epoch)."""
+        return {
+            "positives": self.positives,
+            "negatives": self.negatives,
+            "classes": getattr(self, "classes", 0),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.positives, self.negatives = state["positives"], state["negatives"]
+        if "classes" in state and hasattr(self, "classes"):
+            self.classes = state["classes"]
 
     def _fill(
         self, scores: torch.Tensor, is_positive: torch.Tensor, rows: int, offsets: torch.Tensor | int
@@ -368,6 +390,14 @@ class LossTracker:
             self._count += self._size * len(self._losses)
             self._losses.clear()
 
+    def state_dict(self) -> dict[str, Any]:
+        """The losses kept and the folded sum (for checkpoints taken inside an epoch)."""
+        return {"losses": list(self._losses), "size": self._size, "total": self._total, "count": self._count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._losses = list(state["losses"])
+        self._size, self._total, self._count = state["size"], state["total"], state["count"]
+
     @property
     def count(self) -> int:
         """The number of samples seen."""
@@ -385,6 +415,28 @@ def _check_loss(loss: Any) -> None:
     problem = loss_problem(loss)
     if problem is not None:
         raise ValueError(f"{problem}; ctx.loss at the batch's end") from None
+
+
+def metric_state(metric: Any) -> dict[str, Any] | None:
+    """The accumulated state of ``metric`` as tensors and plain values, or None when it has
+    no way to give it: its ``state_dict()`` (the built-ins), or a torchmetrics object's
+    ``metric_state``."""
+    states = getattr(metric, "metric_state", None)  # torchmetrics: its states, by name
+    if isinstance(states, dict):
+        return {"torchmetrics": {k: list(v) if isinstance(v, list) else v for k, v in states.items()}}
+    if callable(getattr(metric, "state_dict", None)) and callable(getattr(metric, "load_state_dict", None)):
+        return {"state_dict": metric.state_dict()}
+    return None
+
+
+def load_metric_state(metric: Any, state: dict[str, Any]) -> None:
+    """Give ``metric`` back what :func:`metric_state` returned."""
+    if "torchmetrics" in state:
+        for name, value in state["torchmetrics"].items():
+            setattr(metric, name, list(value) if isinstance(value, list) else value)
+        metric._update_count = max(getattr(metric, "_update_count", 0), 1)  # compute() would warn otherwise
+    else:
+        metric.load_state_dict(state["state_dict"])
 
 
 def metric_name(metric: Any) -> str:

@@ -7,14 +7,16 @@ Every entry point drives the same loop generator (``corolux.loop``) through a ``
 from __future__ import annotations
 
 import inspect
+import os
 import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from corolux import loop
+from corolux import checkpoint, loop
 from corolux._suggest import did_you_mean
 from corolux.arguments import (
     OptimizerSpec,
@@ -148,6 +150,9 @@ class Trainer:
         self.all_stages = frozenset(Stage) | frozenset(self.stages)
         #: The history of the latest fit/run.
         self.history = History()
+        # The training state at the end of the last fit, for resume_from="last" (None before one).
+        self._last_state: dict[str, Any] | None = None
+        self._last_problem = "this trainer has not run fit() yet"
         self._open_run: weakref.ref[Generator[Event, None, None]] | None = None
         self._open_driver: weakref.ref[Driver] | None = None
 
@@ -193,6 +198,7 @@ class Trainer:
         callbacks: Sequence[Any] | None = None,
         batch_size: int | None = None,
         max_steps: int | None = None,
+        resume_from: str | os.PathLike[str] | None = None,
     ) -> Generator[Event, None, None]:
         """Return the training generator: it yields an ``Event`` at every stage.
 
@@ -205,9 +211,9 @@ class Trainer:
             ...         event.ctx.loss = event.ctx.loss * 0.5
         """
         driver, make_loop = self._prepare_fit(
-            train_data, epochs, valid_data, callbacks, batch_size, max_steps
+            train_data, epochs, valid_data, callbacks, batch_size, max_steps, resume_from
         )
-        return self._start(driver, make_loop)
+        return self._start(driver, make_loop, finished=self._finished_fit)
 
     def fit(
         self,
@@ -218,16 +224,27 @@ class Trainer:
         callbacks: Sequence[Any] | None = None,
         batch_size: int | None = None,
         max_steps: int | None = None,
+        resume_from: str | os.PathLike[str] | None = None,
     ) -> History:
         """Train to the end and return the ``History``: ``run()`` driven by corolux.
 
         Ctrl-C stops gracefully (``on_interrupt``, open scopes end, ``on_fit_end``) and
         returns the history with ``history.interrupted = True``; a second Ctrl-C aborts.
+
+        ``resume_from`` continues a run: a checkpoint file (``save_checkpoint``,
+        ``AutoResume``, ``corolux.checkpoint.save``), restored after the callbacks' ``setup``
+        and before ``on_fit_begin``; or ``"last"``, this trainer's last fit in memory (after
+        Ctrl-C, or to train for more epochs). Epoch numbers, ``ctx.step``, the history,
+        callbacks' states and the RNG carry on; ``epochs`` is the total, not a number more.
+
+        Example:
+            >>> history = trainer.fit(data, epochs=5)                   # doctest: +SKIP
+            >>> history = trainer.fit(data, epochs=10, resume_from="last")  # doctest: +SKIP
         """
         driver, make_loop = self._prepare_fit(
-            train_data, epochs, valid_data, callbacks, batch_size, max_steps
+            train_data, epochs, valid_data, callbacks, batch_size, max_steps, resume_from
         )
-        self._drive(driver, make_loop)
+        self._drive(driver, make_loop, finished=self._finished_fit)
         warn_if_interrupted(driver.ctx, "fit()")
         return driver.ctx.history
 
@@ -288,6 +305,7 @@ class Trainer:
         callbacks: Sequence[Any] | None,
         batch_size: int | None,
         max_steps: int | None,
+        resume_from: str | os.PathLike[str] | None = None,
     ) -> tuple[Driver, MakeLoop]:
         self._check_idle()
         if not self.optimizers and self.scaler is not None:
@@ -320,7 +338,11 @@ class Trainer:
                 batch_size=batch_size,
                 device=self.device,
             )
+        resume = self._resume_source(resume_from)
         ctx = self._context("fit")
+        if resume is not None and resume.get("model") is not None:
+            checkpoint.check_weights(ctx, resume)  # a checkpoint of another model: refused before any event
+        ctx.resume_from = resume
         ctx.min_epochs, ctx.max_epochs, ctx.max_steps = min_epochs, max_epochs, max_steps
         ctx.train_data = resolve_data(
             train_data,
@@ -345,6 +367,77 @@ class Trainer:
         train, valid = self._steps["train"][0], self._steps["valid"][0]
         allowed = {"train": self._allowed("train"), "valid": self._allowed("valid")}
         return driver, lambda pass_over: loop.fit_loop(ctx, train, valid, allowed, pass_over)
+
+    def _resume_source(self, resume_from: Any) -> Mapping[str, Any] | None:
+        """What ``fit(resume_from=...)`` continues from, read and checked now (so a bad file
+        is refused before the run starts)."""
+        if resume_from is None:
+            return None
+        if resume_from == "last":
+            if self._last_state is None:
+                raise ValueError(
+                    f"resume_from='last': {self._last_problem}; 'last' continues this trainer's "
+                    "latest fit(), in memory; to continue from a file, pass its path"
+                )
+            return self._last_state
+        if not isinstance(resume_from, (str, os.PathLike)):
+            raise TypeError(
+                f"resume_from must be a checkpoint path or 'last', got {type(resume_from).__name__}"
+            )
+        return checkpoint.read(resume_from)
+
+    def _finished_fit(self, ctx: Context) -> None:
+        """At the end of a fit run: keep its training state for ``resume_from="last"``."""
+        if ctx.in_batch:
+            self._last_state = None
+            self._last_problem = (
+                f"the last fit ended inside a batch (at {str(ctx.stage)!r}, epoch {ctx.epoch}, batch "
+                f"{ctx.iter}: an error, or a run closed there), which is no point to continue from"
+            )
+            return
+        self._last_state = checkpoint.capture(ctx, weights=False)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def save_checkpoint(self, path: str | os.PathLike[str]) -> Path:
+        """Write a checkpoint to ``path`` (atomically; see ``corolux.checkpoint``): the model,
+        optimizers and GradScaler, and the training state of the open run (a stepper paused
+        between batches) or of the last fit. Returns the path.
+
+        Example:
+            >>> trainer.fit(data, epochs=3)                             # doctest: +SKIP
+            >>> trainer.save_checkpoint("run.pt")                       # doctest: +SKIP
+            >>> trainer.fit(data, epochs=6, resume_from="run.pt")       # doctest: +SKIP
+        """
+        driver = self._open_driver() if self._open_driver is not None else None
+        gen: Any = self._open_run() if self._open_run is not None else None
+        running = (
+            gen is not None and gen.gi_frame is not None and inspect.getgeneratorstate(gen) != "GEN_CREATED"
+        )
+        if running and driver is not None and driver.ctx.kind == "fit":
+            return checkpoint.save(driver.ctx, path)
+        ctx = self._bare_context()
+        state = checkpoint.capture(ctx) if self._last_state is None else dict(self._last_state)
+        state.update(checkpoint.weights_state(ctx))
+        return checkpoint.write(state, path)
+
+    def load_checkpoint(self, path: str | os.PathLike[str]) -> None:
+        """Restore the model, the optimizers and the GradScaler from a checkpoint at ``path``,
+        into this trainer whether it has run or not (the training state, counters, history,
+        callbacks and RNG, is what ``fit(..., resume_from=path)`` restores). A checkpoint of
+        another model or optimizer is refused, nothing changed, with its first differences."""
+        checkpoint.load_weights(self._bare_context(), path)
+
+    def _bare_context(self) -> Context:
+        """A context over this trainer's model and optimizers, for a checkpoint outside a run."""
+        return Context(
+            model=self.model,
+            optimizers=self.optimizers,
+            loss_fn=self.loss_fn,
+            device=self.device,
+            precision=self.precision,
+            unpack=self.unpack,
+        )
 
     def _prepare_evaluate(
         self,
@@ -444,15 +537,22 @@ class Trainer:
         gen.close()
 
     def _start(
-        self, driver: Driver, make_loop: MakeLoop, *, consumer: bool = True
+        self,
+        driver: Driver,
+        make_loop: MakeLoop,
+        *,
+        consumer: bool = True,
+        finished: Callable[[Context], None] | None = None,
     ) -> Generator[Event, None, None]:
-        gen = driver.start(make_loop, consumer=consumer)
+        gen = driver.start(make_loop, consumer=consumer, finished=finished)
         self._open_run = weakref.ref(gen)
         self._open_driver = weakref.ref(driver)
         return gen
 
-    def _drive(self, driver: Driver, make_loop: MakeLoop) -> None:
-        gen = self._start(driver, make_loop, consumer=False)  # no per-event suspension
+    def _drive(
+        self, driver: Driver, make_loop: MakeLoop, finished: Callable[[Context], None] | None = None
+    ) -> None:
+        gen = self._start(driver, make_loop, consumer=False, finished=finished)  # no per-event suspension
         with graceful_sigint(driver.ctx.signals):
             deque(gen, maxlen=0)
 

@@ -32,6 +32,7 @@ CORE = {
     "Trainer",
     "__version__",
     "callback",
+    "checkpoint",
     "callbacks",
     "coroutine",
     "every",
@@ -40,7 +41,7 @@ CORE = {
     "seed_everything",
 }
 
-CALLBACKS = {"DEFAULTS", "Breakpoint", "MetricsTracker", "ProgressBar"}
+CALLBACKS = {"DEFAULTS", "AutoResume", "Breakpoint", "MetricsTracker", "ProgressBar"}
 
 METRICS = {
     "Accuracy",
@@ -53,7 +54,9 @@ METRICS = {
     "Metric",
     "MulticlassAUROC",
     "RMSE",
+    "load_metric_state",
     "metric_name",
+    "metric_state",
 }
 
 # DESIGN §1, in the order of the tree, then predict, then the one-off events.

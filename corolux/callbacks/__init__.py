@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
+from corolux.callbacks.autoresume import AutoResume as AutoResume
 from corolux.callbacks.breakpoint import Breakpoint as Breakpoint
 from corolux.callbacks.metrics_tracker import MetricsTracker as MetricsTracker
 from corolux.callbacks.progress import ProgressBar as ProgressBar
@@ -25,4 +26,4 @@ for _cls, _weight in DEFAULTS.items():
     _cls.weight = _weight  # type: ignore[attr-defined]
 del _cls, _weight
 
-__all__ = ["DEFAULTS", "Breakpoint", "MetricsTracker", "ProgressBar"]
+__all__ = ["DEFAULTS", "AutoResume", "Breakpoint", "MetricsTracker", "ProgressBar"]

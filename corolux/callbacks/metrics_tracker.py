@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,8 +11,8 @@ import torch
 
 from corolux.callback import Callback
 from corolux.context import Context
-from corolux.data import batch_size_of
-from corolux.metrics import LossTracker, metric_name
+from corolux.data import batch_size_of, to_device
+from corolux.metrics import LossTracker, load_metric_state, metric_name, metric_state
 
 __all__ = ["MetricsTracker"]
 
@@ -36,6 +37,7 @@ class MetricsTracker(Callback):
         self._loss = LossTracker()
         self._losses: dict[str, LossTracker] = {"loss": self._loss}
         self._phase_metrics: list[Any] = []
+        self._resumed: dict[str, Any] | None = None  # a checkpoint's training accumulators
 
     # -- phases -------------------------------------------------------------------------------
 
@@ -47,6 +49,47 @@ class MetricsTracker(Callback):
             if isinstance(metric, torch.nn.Module):  # torchmetrics: its state follows the device
                 metric.to(ctx.device)
             metric.reset()
+        resumed, self._resumed = self._resumed, None
+        if resumed is not None and ctx.training and ctx.iter > 0:  # a training pass resumed mid-way
+            self._load_accumulators(to_device(resumed, ctx.device))
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training phase's accumulators, for a checkpoint taken inside an epoch: a
+        resumed epoch's means then cover all its batches, bit-identical to an uninterrupted
+        run's. (Between epochs there is nothing to keep; this is small either way.)"""
+        if self._phase_metrics is not self.train_metrics:
+            return {"train": None}
+        metrics = []
+        for metric in self.train_metrics:
+            state = metric_state(metric)
+            if state is None:
+                warnings.warn(
+                    f"the metric {metric_name(metric)!r} ({type(metric).__name__}) has no "
+                    "state_dict()/load_state_dict(): a checkpoint taken inside an epoch does not "
+                    "keep what it accumulated, so after a resume its value for that epoch covers "
+                    "only the batches after the checkpoint",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            metrics.append(state)
+        losses = {name: tracker.state_dict() for name, tracker in self._losses.items()}
+        return {"train": {"losses": losses, "metrics": metrics}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Keep a checkpoint's accumulators until the resumed training pass begins."""
+        self._resumed = state["train"]
+
+    def _load_accumulators(self, state: dict[str, Any]) -> None:
+        for name, tracker_state in state["losses"].items():
+            tracker = self._losses.get(name)
+            if tracker is None:
+                tracker = self._losses[name] = LossTracker(name)
+            tracker.load_state_dict(tracker_state)
+        for metric, metric_saved in zip(self.train_metrics, state["metrics"], strict=False):
+            if metric_saved is not None:
+                load_metric_state(metric, metric_saved)
 
     def _batch_end(self, ctx: Context) -> None:
         # Per batch: keep the detached loss and update the metrics on the device; no sync.
