@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from corolux.context import Context
+from corolux.data import generators_of
 from corolux.events import BATCH_ENDS
 
 __all__ = [
@@ -232,7 +233,18 @@ def capture(ctx: Context, *, weights: bool = True) -> dict[str, Any]:
         "history": ctx.history.state_dict(),
         "callbacks": {key: cb.state_dict() for key, cb in _stateful(ctx.callbacks).items()},
         "rng": rng_state(),
+        "data_generators": _data_generators(ctx),
         "position": _position(ctx),
+    }
+
+
+def _data_generators(ctx: Context) -> dict[str, list[torch.Tensor | None]]:
+    """The states of the generators of the run's DataLoaders (their next epoch draws from
+    them), by role."""
+    return {
+        role: [None if g is None else g.get_state() for g in generators_of(data)]
+        for role, data in (("train", ctx.train_data), ("valid", ctx.valid_data))
+        if generators_of(data)
     }
 
 
@@ -331,6 +343,11 @@ def restore(ctx: Context, state: Mapping[str, Any]) -> ResumePoint | None:
     history.load_state_dict(state["history"])
     history.completed_epochs = ctx.completed_epochs
     history.interrupted, history.stop_reason = False, None  # how this run ends is its own
+    for role, states in state.get("data_generators", {}).items():
+        data = ctx.train_data if role == "train" else ctx.valid_data
+        for generator, saved_state in zip(generators_of(data), states, strict=False):
+            if generator is not None and saved_state is not None:
+                generator.set_state(saved_state)
     point = state["position"]
     if point is None:
         # An epoch cut short (Ctrl-C, a stop) is run again from its start: its record goes.

@@ -25,10 +25,12 @@ __all__ = [
     "TensorBatches",
     "default_unpack",
     "fast_forward_problem",
+    "generators_of",
     "length",
     "pass_state",
     "resolve_data",
     "resume_batches",
+    "set_epoch",
     "split_validation",
     "to_device",
 ]
@@ -372,12 +374,23 @@ _REPLAYABLE_SAMPLERS = (
 )
 
 
-def _generators(data: Any) -> list[torch.Generator | None]:
+def generators_of(data: Any) -> list[torch.Generator | None]:
     """The generators a DataLoader's pass draws from besides the global RNG: the loader's own
-    (its workers' base seed) and its sampler's (None where there is none)."""
+    (its workers' base seed) and its sampler's (None where there is none); [] for other data.
+    Their states go into checkpoints with the global RNG's."""
     if not isinstance(data, DataLoader):
         return []
     return [data.generator, getattr(data.sampler, "generator", None)]
+
+
+def set_epoch(data: Any, epoch: int) -> None:
+    """Tell ``data``'s sampler (``DistributedSampler`` and any sampler or batch sampler with a
+    ``set_epoch`` method) which epoch starts, 0-based as in ``for epoch in range(n):
+    sampler.set_epoch(epoch)``, so that each epoch shuffles differently, resumed or not."""
+    for owner in (getattr(data, "sampler", None), getattr(data, "batch_sampler", None)):
+        method = getattr(owner, "set_epoch", None)
+        if callable(method):
+            method(epoch)
 
 
 def pass_state(data: Any) -> dict[str, Any]:
@@ -385,7 +398,7 @@ def pass_state(data: Any) -> dict[str, Any]:
     torch's global RNG state and the states of the DataLoader's own generators."""
     return {
         "torch": torch.get_rng_state(),
-        "generators": [None if g is None else g.get_state() for g in _generators(data)],
+        "generators": [None if g is None else g.get_state() for g in generators_of(data)],
     }
 
 
@@ -415,7 +428,7 @@ def resume_batches(data: Any, state: Mapping[str, Any], skip: int, then: Callabl
     first ``skip`` batches; ``then()`` runs once they are skipped, before the next batch is
     made. ``data`` must pass :func:`fast_forward_problem`."""
     torch.set_rng_state(state["torch"])
-    for generator, saved in zip(_generators(data), state["generators"], strict=False):
+    for generator, saved in zip(generators_of(data), state["generators"], strict=False):
         if generator is not None and saved is not None:
             generator.set_state(saved)
     if isinstance(data, TensorBatches):

@@ -29,7 +29,15 @@ import torch
 
 from corolux.checkpoint import ResumePoint, resume, set_rng_state
 from corolux.context import Context, loss_problem
-from corolux.data import default_unpack, fast_forward_problem, length, pass_state, resume_batches, to_device
+from corolux.data import (
+    default_unpack,
+    fast_forward_problem,
+    length,
+    pass_state,
+    resume_batches,
+    set_epoch,
+    to_device,
+)
 from corolux.events import BATCH_ENDS, SCOPE_STAGES, Stage
 
 __all__ = [
@@ -280,9 +288,11 @@ def _phase(
             elif not training:
                 batches = iter(data)
             elif resume is None:
+                set_epoch(data, ctx.epoch - 1)
                 ctx.data_state = pass_state(data)  # what this pass's order comes from (checkpoints)
                 batches = iter(data)
             else:
+                set_epoch(data, ctx.epoch - 1)
                 ctx.data_state = resume.data_state
                 rng = resume.rng
                 batches = resume_batches(

@@ -514,3 +514,67 @@ def test_autoresume_and_resume_from_together_are_refused(tmp_path):
         trainer.fit((x, y), callbacks=[AutoResume(tmp_path / "a.pt")], resume_from=tmp_path / "b.pt")
     with pytest.raises(ValueError, match="every_n_steps must be an integer >= 1"):
         AutoResume(tmp_path / "a.pt", every_n_steps=0)
+
+
+def generator_loader(data):
+    return DataLoader(
+        TensorDataset(data[0], data[1]),
+        batch_size=32,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(11),
+    )
+
+
+def distributed(data):
+    sampler = torch.utils.data.DistributedSampler(
+        TensorDataset(data[0], data[1]), num_replicas=1, rank=0, seed=3
+    )
+    return DataLoader(TensorDataset(data[0], data[1]), batch_size=32, sampler=sampler)
+
+
+@pytest.mark.parametrize("make_data", [generator_loader, distributed])
+def test_loaders_with_their_own_generator_or_epoch_seeded_sampler_resume_exactly(data, make_data, tmp_path):
+    ref, ref_history = reference(data, make_data)
+    path = tmp_path / "g.pt"
+    torch.manual_seed(1)
+    with pytest.raises(SystemExit):
+        make_trainer().fit(
+            make_data(data),
+            epochs=EPOCHS,
+            valid_data=(data[2], data[3]),
+            callbacks=[AutoResume(path, every_n_steps=7), Kill(epoch=3, batch=12)],
+        )
+    resumed = make_trainer(seed=2)
+    history = resumed.fit(
+        make_data(data),
+        epochs=EPOCHS,
+        valid_data=(data[2], data[3]),
+        callbacks=[AutoResume(path, every_n_steps=7)],
+    )
+    assert same_state(ref, resumed) and history.to_dict() == ref_history.to_dict()
+    torch.manual_seed(1)
+    first = make_trainer()
+    first.fit(make_data(data), epochs=2, valid_data=(data[2], data[3]))
+    first.save_checkpoint(tmp_path / "epoch.pt")
+    resumed = make_trainer(seed=2)
+    history = resumed.fit(
+        make_data(data), epochs=EPOCHS, valid_data=(data[2], data[3]), resume_from=tmp_path / "epoch.pt"
+    )
+    assert same_state(ref, resumed) and history.to_dict() == ref_history.to_dict()
+
+
+def test_set_epoch_is_called_on_the_sampler_every_epoch_zero_based(data):
+    loader = distributed(data)
+    seen = []
+    original = loader.sampler.set_epoch
+    loader.sampler.set_epoch = lambda epoch: (seen.append(epoch), original(epoch))
+    orders = []
+
+    class Order(corolux.Callback):
+        def on_train_batch_begin(self, ctx):
+            if ctx.iter == 1:
+                orders.append(ctx.target[:8].tolist())
+
+    make_trainer().fit(loader, epochs=3, callbacks=[Order()])
+    assert seen == [0, 1, 2]
+    assert orders[0] != orders[1] != orders[2]
