@@ -298,7 +298,17 @@ class Context:
     def after_stage(self, fn: Callable[[Context], Any]) -> None:
         """Call ``fn(ctx)`` once the current stage is over: after every handler of it ran
         (weight ``inf`` included) and the consumer had the event, before the loop goes on.
-        What a checkpoint callback uses to save the state the stage's handlers left."""
+        What a checkpoint callback uses to save the state the stage's handlers left.
+
+        Raises:
+            RuntimeError: at the run's last stage or at ``on_exception``: the loop does not go
+                on after them (do the work in the handler itself).
+        """
+        if self.stage is _LAST_STAGE[self.kind] or self.stage == Stage.on_exception:
+            raise RuntimeError(
+                f"ctx.after_stage() at {str(self.stage)!r}: the loop does not go on after this "
+                "stage, so nothing would run the function; do its work in the handler itself"
+            )
         self.signals.after_stage(lambda: fn(self))
 
     def request_interrupt(self) -> None:

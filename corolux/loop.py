@@ -209,15 +209,16 @@ def _attend(ctx: Context) -> Loop:
     at = ctx.stage
     if at in BATCH_ENDS:
         ctx.end_batches()  # a stage emitted at *_batch_end comes after the batch: no skip_batch there
-    after = signals.next_after()
-    while after is not None:
-        after()
-        after = signals.next_after()
-    stage = signals.next_emitted()
-    while stage is not None:
+    while True:
+        after = signals.next_after()  # first the work queued at the stage just delivered
+        if after is not None:
+            after()
+            continue
+        stage = signals.next_emitted()
+        if stage is None:
+            break
         ctx.stage = stage
         yield stage
-        stage = signals.next_emitted()
     ctx.stage = at
     if signals.take_interrupt():
         raise KeyboardInterrupt

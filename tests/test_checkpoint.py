@@ -578,3 +578,53 @@ def test_set_epoch_is_called_on_the_sampler_every_epoch_zero_based(data):
     make_trainer().fit(loader, epochs=3, callbacks=[Order()])
     assert seen == [0, 1, 2]
     assert orders[0] != orders[1] != orders[2]
+
+
+@pytest.mark.filterwarnings("ignore:precision='16-mixed' on the CPU:UserWarning")
+def test_the_grad_scaler_state_is_saved_and_restored(data, tmp_path):
+    def scaled(seed=0):
+        trainer = make_trainer(seed, precision="16-mixed")
+        trainer.scaler._init_scale = 2.0**10
+        return trainer
+
+    torch.manual_seed(1)
+    ref = scaled()
+    ref_history = ref.fit(tensors(data), epochs=3)
+    torch.manual_seed(1)
+    first = scaled()
+    first.fit(tensors(data), epochs=1)
+    first.save_checkpoint(tmp_path / "s.pt")
+    assert checkpoint.read(tmp_path / "s.pt")["scaler"]["scale"] == first.scaler.get_scale()
+    resumed = scaled(seed=4)
+    history = resumed.fit(tensors(data), epochs=3, resume_from=tmp_path / "s.pt")
+    assert resumed.scaler.get_scale() == ref.scaler.get_scale()
+    assert same_state(ref, resumed) and history.to_dict() == ref_history.to_dict()
+    with pytest.warns(RuntimeWarning, match="holds a GradScaler state"):
+        make_trainer().load_checkpoint(tmp_path / "s.pt")
+
+
+def test_after_stage_runs_once_every_handler_of_the_stage_ran():
+    seen = []
+
+    class Early(corolux.Callback):
+        weight = -5
+
+        def on_epoch_end(self, ctx):
+            ctx.after_stage(lambda c: seen.append(("after", c.stage, list(order))))
+
+    order = []
+
+    class Late(corolux.Callback):
+        weight = float("inf")
+
+        def on_epoch_end(self, ctx):
+            order.append(ctx.epoch)
+
+        def on_fit_end(self, ctx):
+            with pytest.raises(RuntimeError, match="does not go on after this stage"):
+                ctx.after_stage(print)
+
+    make_trainer().fit(
+        (torch.randn(8, 64), torch.randint(0, 10, (8,))), epochs=2, callbacks=[Early(), Late()]
+    )
+    assert seen == [("after", "on_epoch_end", [1]), ("after", "on_epoch_end", [1, 2])]

@@ -9,6 +9,15 @@ callback              weight  role
 MetricsTracker        -100    batches -> epoch metrics -> history (before users)
 ProgressBar            100    tqdm bars (after users, so it shows their changes)
 ====================  ======  ====================================================
+
+Other built-ins (not defaults; add them to ``callbacks=``):
+
+====================  ======  ====================================================
+callback              weight  role
+====================  ======  ====================================================
+Breakpoint              0     drop into pdb at a stage
+AutoResume             inf    save the training state as it goes; resume from it
+====================  ======  ====================================================
 """
 
 from __future__ import annotations
