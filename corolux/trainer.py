@@ -28,7 +28,6 @@ from corolux.arguments import (
     seed_everything,
 )
 from corolux.callbacks import MetricsTracker, ProgressBar
-from corolux.callbacks.progress import attached_to_terminal
 from corolux.context import Context
 from corolux.control import graceful_sigint, warn_if_interrupted
 from corolux.data import default_unpack, resolve_data, split_validation
@@ -56,7 +55,8 @@ class Trainer:
         metrics: metrics for both phases; ``train_metrics``/``valid_metrics`` add phase-only ones.
         device: ``"auto"`` (cuda, else mps, else cpu) or any torch device.
         precision: ``"32"``, ``"bf16-mixed"`` or ``"16-mixed"`` (autocast + GradScaler).
-        progress: tqdm bars; None shows them in a terminal or notebook.
+        progress: True shows tqdm bars, False nothing; None (the default) bars in a terminal or
+            a notebook, one line per epoch elsewhere (a log file, CI).
         seed: when given, each run seeds torch, ``random`` and NumPy at its start.
         unpack: ``fn(batch) -> (input, target)`` for batch layouts other than a pair or a
             dict with ``"input"``/``"target"``.
@@ -493,12 +493,11 @@ class Trainer:
                 f"callbacks must be a list of callbacks, got {type(callbacks).__name__}; "
                 "wrap a single one: callbacks=[cb]"
             )
-        show_progress = attached_to_terminal() if self.progress is None else self.progress
         kept = [
-            default
+            ProgressBar(style="bar") if self.progress and isinstance(default, ProgressBar) else default
             for default in defaults
             if not any(isinstance(cb, type(default)) for cb in callbacks)
-            and (show_progress or not isinstance(default, ProgressBar))
+            and (self.progress is not False or not isinstance(default, ProgressBar))
         ]
         return kept + list(callbacks)
 

@@ -142,7 +142,7 @@ def test_progress_bar_runs_after_user_callbacks(monkeypatch: pytest.MonkeyPatch)
         original(self, ctx)
 
     monkeypatch.setattr(ProgressBar, "on_train_begin", spy)
-    bar = ProgressBar(file=io.StringIO())
+    bar = ProgressBar(style="bar", file=io.StringIO())
     user = logger("user", log, "on_train_begin", weight=50)
     make_trainer(progress=True).fit(data(), epochs=1, callbacks=[bar, user])
     assert names_at(log, "on_train_begin") == ["user", "progress"]
@@ -153,7 +153,7 @@ def test_user_callback_of_a_default_class_replaces_the_default(capsys: pytest.Ca
     seen: list[Any] = []
     trainer = make_trainer(progress=True, metrics=[corolux.metrics.MAE()])
     probe = at("on_fit_begin", lambda ctx: seen.extend(ctx.callbacks))
-    history = trainer.fit(data(), epochs=1, callbacks=[ProgressBar(file=buffer), MetricsTracker(), probe])
+    history = trainer.fit(data(), epochs=1, callbacks=[ProgressBar(style="bar", file=buffer), MetricsTracker(), probe])
     assert sum(isinstance(cb, ProgressBar) for cb in seen) == 1
     assert sum(isinstance(cb, MetricsTracker) for cb in seen) == 1
     assert buffer.getvalue(), "the user's bar did not write"

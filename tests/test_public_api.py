@@ -205,7 +205,7 @@ def test_default_callbacks_are_in_every_fit_in_weight_order():
     )
     import io
 
-    trainer.fit((x, y), callbacks=[Look(), ProgressBar(file=io.StringIO())])
+    trainer.fit((x, y), callbacks=[Look(), ProgressBar(style="bar", file=io.StringIO())])
     assert seen == [[MetricsTracker, Look, ProgressBar]]
 
 

@@ -198,8 +198,8 @@ def test_fit_with_the_default_progress_bar_makes_no_sync_per_step(
     frozen, so its throttle never comes due and the count is exact."""
     use_clock(monkeypatch, FakeClock(tick=0.0))
     out = io.StringIO()
-    few = count_fit(syncs, 10, callbacks=[corolux.callbacks.ProgressBar(file=out)], progress=True)
-    many = count_fit(syncs, 40, callbacks=[corolux.callbacks.ProgressBar(file=out)], progress=True)
+    few = count_fit(syncs, 10, callbacks=[corolux.callbacks.ProgressBar(style="bar", file=out)], progress=True)
+    many = count_fit(syncs, 40, callbacks=[corolux.callbacks.ProgressBar(style="bar", file=out)], progress=True)
     assert_flat(syncs, few, many, "fit(progress=True)")
     assert "Epoch 2/2" in out.getvalue()  # the bar did run
 
@@ -221,7 +221,7 @@ def test_the_progress_bar_reads_the_loss_by_the_clock_not_by_the_batch(
     rate = 4.0
     clock = FakeClock(tick=0.05)  # each reading of the clock: 50 ms later
     use_clock(monkeypatch, clock)
-    bar = corolux.callbacks.ProgressBar(file=io.StringIO(), refresh_per_second=rate)
+    bar = corolux.callbacks.ProgressBar(style="bar", file=io.StringIO(), refresh_per_second=rate)
     baseline = count_fit(syncs, 40, progress=False)
     clock.now, clock.calls = 1000.0, 0
     with_bar = count_fit(syncs, 40, callbacks=[bar], progress=True)
@@ -302,7 +302,7 @@ def test_cuda_fit_under_sync_debug_mode_error(progress: bool, monkeypatch: pytes
     guard = SyncDebugInBatchLoops()
     callbacks: list[Any] = [guard]
     if progress:
-        callbacks.append(corolux.callbacks.ProgressBar(file=io.StringIO()))
+        callbacks.append(corolux.callbacks.ProgressBar(style="bar", file=io.StringIO()))
     try:
         history = trainer.fit(to_cuda, epochs=2, valid_data=valid, callbacks=callbacks)
     finally:

@@ -1,9 +1,12 @@
-"""ProgressBar: tqdm bars for the train, valid and predict phases."""
+"""ProgressBar: tqdm bars for the train, valid and predict phases, or one line per epoch
+where the output is not a terminal."""
 
 from __future__ import annotations
 
 import math
+import shutil
 import sys
+import textwrap
 import time
 from typing import IO, Any
 
@@ -27,35 +30,76 @@ def attached_to_terminal() -> bool:
     return ip is not None and type(ip).__name__ == "ZMQInteractiveShell"
 
 
-class ProgressBar(Callback):
-    """Show a bar per phase with the epoch counter and the running loss.
+def _interactive(file: IO[str] | None) -> bool:
+    if file is None:
+        return attached_to_terminal()
+    try:
+        return bool(file.isatty())
+    except (AttributeError, ValueError):
+        return False
 
-    The epoch's train bar stays open while validation runs below it, then ends with the
-    epoch's metrics on one line (``loss``, ``acc``, ``valid_loss``, ``valid_acc``). The bar
-    reads the loss (a host-device sync) at most ``refresh_per_second`` times per second,
-    never once per step. A default callback (weight 100, after user callbacks); pass
-    ``ProgressBar(...)`` in ``callbacks`` to change it, ``Trainer(progress=False)`` to drop it.
+
+STYLES = ("auto", "bar", "line")
+
+
+class ProgressBar(Callback):
+    """Show a bar per phase with the epoch counter and the running loss; where the output is
+    not a terminal (a log file, CI, ``nohup``), one plain line per epoch instead.
+
+    ``style="bar"``: the epoch's train bar stays open while validation runs below it, then
+    ends with the epoch's metrics (``loss``, ``acc``, ``valid_loss``, ``valid_acc``); when they
+    do not fit the terminal's width they are printed below the bar, wrapped, never cut. The bar
+    reads the loss (a host-device sync) at most ``refresh_per_second`` times per second, never
+    once per step; in a notebook it is one widget that updates in place (``tqdm.auto``).
+    ``style="line"``: ``Epoch 3/10 - 1.2s - train_loss: 0.4123 - valid_loss: 0.4551 ...``, one
+    line per epoch (and per ``evaluate``/``predict``), flushed, as Keras's ``verbose=2``; it does
+    not listen to batches at all. ``"auto"`` picks bars in a terminal or a notebook, lines
+    elsewhere.
+
+    A default callback (weight 100, after user callbacks); pass ``ProgressBar(...)`` in
+    ``callbacks`` to change it, ``Trainer(progress=False)`` to drop it
+    (``progress=True`` forces bars).
 
     Args:
         leave: keep each epoch's finished bar on screen.
         file: where to write (default ``sys.stderr``).
         refresh_per_second: how often the bar and its loss are updated.
+        style: ``"auto"``, ``"bar"`` or ``"line"``.
+
+    Example:
+        >>> trainer.fit(data, epochs=3, callbacks=[ProgressBar(style="line")])  # doctest: +SKIP
+        Epoch 1/3 - 0.4s - train_loss: 1.0321 - train_acc: 0.6133
     """
 
     def __init__(
-        self, leave: bool = True, file: IO[str] | None = None, refresh_per_second: float = 4.0
+        self,
+        leave: bool = True,
+        file: IO[str] | None = None,
+        refresh_per_second: float = 4.0,
+        style: str = "auto",
     ) -> None:
         if refresh_per_second <= 0:
             raise ValueError(f"refresh_per_second must be > 0, got {refresh_per_second!r}")
+        if style not in STYLES:
+            raise ValueError(f"ProgressBar: style must be one of {STYLES}, got {style!r}")
         self.leave = leave
         self.file = file
+        self.style = style if style != "auto" else ("bar" if _interactive(file) else "line")
+        if self.style == "bar":  # only bars listen to batches
+            self.on_train_batch_end = self.on_valid_batch_end = self.on_predict_batch_end = self._batch_end
+        self._started = 0.0
         self.interval = 1.0 / refresh_per_second
         self.bars: dict[str, Any] = {}  # phase -> its open tqdm bar
         self.bar: Any = None  # the bar of the running phase
         self._next_refresh = 0.0
         self._loss = math.nan
+        self._pending_lines: list[str] = []  # the metrics that did not fit beside the bar
 
     def _open(self, ctx: Context, phase: str) -> None:
+        if self.style == "line":
+            if phase != "valid" or ctx.kind != "fit":  # an epoch, an evaluate or a predict starts
+                self._started = time.perf_counter()
+            return
         from tqdm.auto import tqdm
 
         self._close(phase)
@@ -88,6 +132,11 @@ class ProgressBar(Callback):
             self.bar.set_postfix(loss=f"{self._loss:.4g}", refresh=False)
 
     def _end(self, ctx: Context, phase: str) -> None:
+        if self.style == "line":
+            if ctx.kind != "fit":
+                what = "evaluate" if phase == "valid" else "predict"
+                self._line(ctx, f"{what}: {ctx.iter} batches", (phase,))
+            return
         bar = self.bars.get(phase)
         if bar is None:
             return
@@ -102,26 +151,44 @@ class ProgressBar(Callback):
             self._close(phase)
         # An epoch's train bar stays open until on_epoch_end, for the validation metrics.
 
-    @staticmethod
-    def _show_metrics(bar: Any, ctx: Context, phases: tuple[str, ...]) -> None:
-        shown = {}
-        for key, value in ctx.metrics.items():
-            phase, _, name = key.partition("_")
-            if phase in phases and isinstance(value, float):
-                shown[name if phase == phases[0] else key] = f"{value:.4g}"
-        if shown:
-            bar.set_postfix(shown, refresh=True)
+    def _show_metrics(self, bar: Any, ctx: Context, phases: tuple[str, ...]) -> None:
+        shown = _metrics(ctx, phases)
+        if not shown:
+            return
+        text = ", ".join(f"{k}={v}" for k, v in shown.items())
+        width = self._width(bar)
+        # tqdm cuts what does not fit the line: then the metrics go below the bar, wrapped
+        if width and len(str(bar.desc)) + len(text) + 40 > width:
+            bar.set_postfix_str("", refresh=True)
+            self._pending_lines = textwrap.wrap(text, width=max(width - 2, 20), subsequent_indent="  ")
+        else:
+            bar.set_postfix({k: v for k, v in shown.items()}, refresh=True)
+
+    def _width(self, bar: Any) -> int:
+        """The width of the bar's line, 0 when unknown (a file: nothing is cut there)."""
+        return getattr(bar, "ncols", None) or (
+            shutil.get_terminal_size().columns if _interactive(self.file) else 0
+        )
+
+    def _line(self, ctx: Context, head: str, phases: tuple[str, ...]) -> None:
+        if not ctx.is_main_process:
+            return
+        seconds = time.perf_counter() - self._started
+        parts = [head, f"{seconds:.1f}s"] + [f"{k}: {v}" for k, v in _metrics(ctx, phases, full=True).items()]
+        file = self.file if self.file is not None else sys.stderr
+        print(" - ".join(parts), file=file, flush=True)
 
     def _close(self, phase: str | None = None) -> None:
         for name in [phase] if phase is not None else list(self.bars):
             bar = self.bars.pop(name, None)
             if bar is not None:
                 bar.close()
+                lines, self._pending_lines = self._pending_lines, []
+                for line in lines:
+                    bar.write(line, file=self.file)
 
     def on_train_begin(self, ctx: Context) -> None:
         self._open(ctx, "train")
-
-    on_train_batch_end = _batch_end
 
     def on_train_end(self, ctx: Context) -> None:
         self._end(ctx, "train")
@@ -129,18 +196,16 @@ class ProgressBar(Callback):
     def on_valid_begin(self, ctx: Context) -> None:
         self._open(ctx, "valid")
 
-    on_valid_batch_end = _batch_end
-
     def on_valid_end(self, ctx: Context) -> None:
         self._end(ctx, "valid")
 
     def on_epoch_end(self, ctx: Context) -> None:
+        if self.style == "line":
+            self._line(ctx, f"Epoch {ctx.epoch}/{ctx.max_epochs}", ("train", "valid"))
         self._close()
 
     def on_predict_begin(self, ctx: Context) -> None:
         self._open(ctx, "predict")
-
-    on_predict_batch_end = _batch_end
 
     def on_predict_end(self, ctx: Context) -> None:
         self._end(ctx, "predict")
@@ -150,4 +215,19 @@ class ProgressBar(Callback):
         self.bar = None
 
     def __repr__(self) -> str:
-        return f"ProgressBar(leave={self.leave})"
+        return f"ProgressBar(leave={self.leave}, style={self.style!r})"
+
+
+def _metrics(ctx: Context, phases: tuple[str, ...], full: bool = False) -> dict[str, str]:
+    """The epoch's values of ``phases`` to show: the first phase's without its prefix (unless
+    ``full``), the others' with it, then what callbacks logged."""
+    shown = {}
+    for key, value in ctx.metrics.items():
+        phase, _, name = key.partition("_")
+        if key == "epoch" or not isinstance(value, float):
+            continue
+        if phase in phases:
+            shown[name if phase == phases[0] and not full else key] = f"{value:.4g}"
+        elif phase not in ("train", "valid"):
+            shown[key] = f"{value:.4g}"
+    return shown

@@ -50,7 +50,9 @@ def progress_of(ctx) -> list[ProgressBar]:
 def test_writes_epoch_counter_and_loss_to_the_given_file():
     x, y = iris()
     out = io.StringIO()
-    trainer_for(progress=True).fit((x, y), epochs=2, valid_data=(x, y), callbacks=[ProgressBar(file=out)])
+    trainer_for(progress=True).fit(
+        (x, y), epochs=2, valid_data=(x, y), callbacks=[ProgressBar(style="bar", file=out)]
+    )
     text = out.getvalue()
     assert "Epoch 1/2" in text and "Epoch 2/2" in text
     assert "train" in text
@@ -62,7 +64,7 @@ def test_writes_to_a_real_file(tmp_path):
     x, y = iris()
     path = tmp_path / "progress.log"
     with path.open("w") as f:
-        trainer_for(progress=True).fit((x, y), epochs=1, callbacks=[ProgressBar(file=f)])
+        trainer_for(progress=True).fit((x, y), epochs=1, callbacks=[ProgressBar(style="bar", file=f)])
     text = path.read_text()
     assert "Epoch 1/1" in text and "loss=" in text
 
@@ -70,7 +72,7 @@ def test_writes_to_a_real_file(tmp_path):
 def test_the_final_loss_shown_is_the_epoch_loss():
     x, y = iris()
     out = io.StringIO()
-    history = trainer_for(progress=True).fit((x, y), epochs=1, callbacks=[ProgressBar(file=out)])
+    history = trainer_for(progress=True).fit((x, y), epochs=1, callbacks=[ProgressBar(style="bar", file=out)])
     assert f"loss={history['train_loss'][-1]:.4g}" in out.getvalue()
 
 
@@ -78,10 +80,10 @@ def test_evaluate_and_predict_show_bars_too():
     x, y = iris()
     trainer = trainer_for(progress=True)
     out = io.StringIO()
-    trainer.evaluate((x, y), callbacks=[ProgressBar(file=out)])
+    trainer.evaluate((x, y), callbacks=[ProgressBar(style="bar", file=out)])
     assert "valid" in out.getvalue()
     out = io.StringIO()
-    trainer.predict(x, callbacks=[ProgressBar(file=out)])
+    trainer.predict(x, callbacks=[ProgressBar(style="bar", file=out)])
     assert "predict" in out.getvalue()
 
 
@@ -93,10 +95,47 @@ def test_default_bar_writes_to_stderr_when_progress_is_true(capsys):
     assert captured.out == ""
 
 
-def test_progress_none_shows_no_bar_when_not_attached_to_a_terminal(capsys):
+def test_progress_none_prints_one_plain_line_per_epoch_when_not_attached_to_a_terminal(capsys):
     x, y = iris()
-    trainer_for(progress=None).fit((x, y), epochs=1)  # pytest's captured stderr is no tty
-    assert "Epoch" not in capsys.readouterr().err
+    trainer = trainer_for(progress=None, metrics=[corolux.metrics.Accuracy()])
+    history = trainer.fit((x, y), epochs=3, valid_data=(x, y))  # pytest's captured stderr is no tty
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3
+    assert lines[2].startswith("Epoch 3/3 - ")
+    loss = history["valid_loss"][2]
+    assert f"valid_loss: {loss:.4g}" in lines[2] and "train_acc: " in lines[2]
+    assert "\r" not in "".join(lines)  # no bar redrawn in a log file
+
+
+def test_line_style_does_not_listen_to_batches_and_reports_evaluate_and_predict():
+    x, y = iris()
+    out = io.StringIO()
+    line = ProgressBar(style="line", file=out)
+    assert not hasattr(line, "on_train_batch_end") and "on_train_batch_end" not in dir(type(line))
+    trainer = trainer_for(progress=True)
+    trainer.evaluate((x, y), callbacks=[line])
+    trainer.predict(x, callbacks=[line])
+    first, second = out.getvalue().splitlines()
+    assert first.startswith("evaluate: 5 batches - ") and "valid_loss: " in first
+    assert second.startswith("predict: 5 batches - ")
+
+
+def test_metrics_that_do_not_fit_a_narrow_terminal_go_below_the_bar_whole(monkeypatch):
+    x, y = iris()
+    out = io.StringIO()
+    bar = ProgressBar(style="bar", file=out)
+    metrics = [corolux.metrics.Accuracy(name=f"accuracy_number_{i}") for i in range(4)]
+    monkeypatch.setattr(ProgressBar, "_width", lambda self, bar: 60, raising=False)
+    trainer_for(progress=True, metrics=metrics).fit((x, y), epochs=1, valid_data=(x, y), callbacks=[bar])
+    text = out.getvalue()
+    for i in range(4):
+        assert f"accuracy_number_{i}=" in text and f"valid_accuracy_number_{i}=" in text
+    assert all(len(line) <= 60 for line in text.replace("\r", "\n").splitlines() if "accuracy_number" in line)
+
+
+def test_bad_style_is_rejected():
+    with pytest.raises(ValueError, match=r"style must be one of \('auto', 'bar', 'line'\)"):
+        ProgressBar(style="bars")
 
 
 # -- in the callback list ------------------------------------------------------------------------
@@ -130,7 +169,7 @@ def test_progress_true_has_the_default_bar():
 
 def test_a_user_progress_bar_replaces_the_default():
     x, y = iris()
-    mine = ProgressBar(leave=False, file=io.StringIO())
+    mine = ProgressBar(style="bar", leave=False, file=io.StringIO())
     lists = []
 
     class Look(corolux.Callback):
@@ -145,8 +184,12 @@ def test_a_user_progress_bar_replaces_the_default():
 def test_leave_false_clears_the_finished_bar():
     x, y = iris()
     kept, cleared = io.StringIO(), io.StringIO()
-    trainer_for(progress=True).fit((x, y), epochs=1, callbacks=[ProgressBar(leave=True, file=kept)])
-    trainer_for(progress=True).fit((x, y), epochs=1, callbacks=[ProgressBar(leave=False, file=cleared)])
+    trainer_for(progress=True).fit(
+        (x, y), epochs=1, callbacks=[ProgressBar(style="bar", leave=True, file=kept)]
+    )
+    trainer_for(progress=True).fit(
+        (x, y), epochs=1, callbacks=[ProgressBar(style="bar", leave=False, file=cleared)]
+    )
     assert kept.getvalue().endswith("\n")  # the finished bar stays on its line
     assert not cleared.getvalue().endswith("\n")
 
@@ -163,7 +206,7 @@ def test_bars_are_closed_after_fit():
     x, y = iris()
     collect = CollectBars()
     trainer_for(progress=True).fit(
-        (x, y), epochs=2, valid_data=(x, y), callbacks=[ProgressBar(file=io.StringIO()), collect]
+        (x, y), epochs=2, valid_data=(x, y), callbacks=[ProgressBar(style="bar", file=io.StringIO()), collect]
     )
     assert collect.bars  # the check below looks at real bars
     assert not (collect.bars & open_bars())
@@ -174,7 +217,7 @@ def test_bars_are_closed_after_close():
     x, y = iris()
     collect = CollectBars()
     gen = trainer_for(progress=True).run(
-        (x, y), epochs=3, callbacks=[ProgressBar(file=io.StringIO()), collect]
+        (x, y), epochs=3, callbacks=[ProgressBar(style="bar", file=io.StringIO()), collect]
     )
     for event in gen:
         if event.stage == "on_train_batch_end" and event.ctx.iter == 2:
@@ -188,7 +231,9 @@ def test_bars_are_closed_after_break():
     x, y = iris()
     collect = CollectBars()
     trainer = trainer_for(progress=True)
-    for event in trainer.run((x, y), epochs=3, callbacks=[ProgressBar(file=io.StringIO()), collect]):
+    for event in trainer.run(
+        (x, y), epochs=3, callbacks=[ProgressBar(style="bar", file=io.StringIO()), collect]
+    ):
         if event.stage == "on_train_batch_end" and event.ctx.iter == 2:
             break
     assert collect.bars
@@ -208,7 +253,7 @@ def test_bars_are_closed_after_an_exception():
 
     with pytest.raises(RuntimeError, match="boom"):
         trainer_for(progress=True).fit(
-            (x, y), epochs=2, callbacks=[ProgressBar(file=io.StringIO()), collect, Boom()]
+            (x, y), epochs=2, callbacks=[ProgressBar(style="bar", file=io.StringIO()), collect, Boom()]
         )
     assert collect.bars
     assert not (collect.bars & open_bars())
@@ -227,7 +272,7 @@ def test_bars_are_closed_after_an_error_in_the_step():
     bad_loss.calls = 0
     with pytest.raises(ArithmeticError):
         trainer_for(progress=True, loss_fn=bad_loss).fit(
-            (x, y), callbacks=[ProgressBar(file=io.StringIO()), collect]
+            (x, y), callbacks=[ProgressBar(style="bar", file=io.StringIO()), collect]
         )
     assert collect.bars
     assert not (collect.bars & open_bars())
@@ -236,7 +281,7 @@ def test_bars_are_closed_after_an_error_in_the_step():
 def test_one_bar_instance_serves_several_runs():
     x, y = iris()
     out = io.StringIO()
-    bar = ProgressBar(file=out)
+    bar = ProgressBar(style="bar", file=out)
     before = open_bars()
     trainer = trainer_for(progress=True)
     trainer.fit((x, y), epochs=1, callbacks=[bar])
@@ -265,7 +310,7 @@ def test_refreshing_the_loss_reads_a_detached_tensor(monkeypatch):
     out = io.StringIO()
     trainer_for(progress=True).fit(
         [(x[i : i + 8], y[i : i + 8]) for i in range(0, 150, 8)],
-        callbacks=[ProgressBar(file=out, refresh_per_second=1e9)],  # refresh at every batch
+        callbacks=[ProgressBar(style="bar", file=out, refresh_per_second=1e9)],  # refresh at every batch
     )
     assert "loss=" in out.getvalue()
     assert reads  # the bar did read losses
