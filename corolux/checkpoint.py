@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import os
@@ -221,6 +222,14 @@ def capture(ctx: Context, *, weights: bool = True) -> dict[str, Any]:
             f"a checkpoint cannot be taken inside a batch (at {str(ctx.stage)!r}): its step is "
             "half done; save at on_train_batch_end or later (AutoResume(every_n_steps=...) does)"
         )
+    if ctx.kind == "fit" and ctx.accumulate_steps > 1 and ctx.gradients_pending:
+        warnings.warn(
+            f"a checkpoint taken inside a gradient-accumulation window (at {str(ctx.stage)!r}, epoch "
+            f"{ctx.epoch}, batch {ctx.iter}) does not hold the gradients accumulated so far: a resume "
+            "from it trains that window without them. Save after an optimizer step (AutoResume does)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -309,14 +318,10 @@ def _where(source: Any) -> str:
     return repr(source["source"]) if isinstance(source, Mapping) and "source" in source else "the checkpoint"
 
 
-def restore(ctx: Context, state: Mapping[str, Any]) -> ResumePoint | None:
-    """Restore the training state (counters, history, callbacks' states, RNG) of a
-    checkpoint into ``ctx``, whose model and optimizers :func:`load_weights` restored; return
-    the mid-epoch position, None for a checkpoint taken between epochs.
-
-    Raises:
-        CheckpointError: a callback whose state the checkpoint holds is not in this run.
-    """
+def check_callbacks(ctx: Context, state: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Raise :class:`CheckpointError` when the checkpoint holds the state of a callback this
+    run does not have; warn about stateful callbacks it holds no state for. Returns the saved
+    states by key."""
     where = _where(state)
     callbacks = _stateful(ctx.callbacks)
     saved = state["callbacks"]
@@ -332,8 +337,26 @@ def restore(ctx: Context, state: Mapping[str, Any]) -> ResumePoint | None:
         warnings.warn(
             f"{where} holds no state for callback(s) {fresh}: they start fresh",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=5,
         )
+    return saved
+
+
+def restore(ctx: Context, state: Mapping[str, Any]) -> ResumePoint | None:
+    """Restore a checkpoint's state (what :func:`read` or :func:`capture` returned) into
+    ``ctx``: the model, optimizers and GradScaler when it holds them (the in-memory state of
+    ``resume_from="last"`` does not: they are live), then the counters, history, callbacks'
+    states and RNG. Everything is checked before anything changes. Returns the mid-epoch
+    position, None for a checkpoint taken between epochs.
+
+    Raises:
+        CheckpointError: another model or optimizers, or a callback whose state the
+            checkpoint holds is not in this run.
+    """
+    callbacks = _stateful(ctx.callbacks)
+    saved = check_callbacks(ctx, state)
+    if state.get("model") is not None:
+        load_weights(ctx, state)
     for key, cb_state in saved.items():
         callbacks[key].load_state_dict(cb_state)
     counters = state["counters"]
@@ -367,19 +390,14 @@ def restore(ctx: Context, state: Mapping[str, Any]) -> ResumePoint | None:
 
 
 def resume(ctx: Context, source: PathLike | Mapping[str, Any]) -> ResumePoint | None:
-    """Restore a checkpoint (a path, or a state from :func:`read` or :func:`capture`) into
-    ``ctx``: the model, optimizers and GradScaler when it holds them (the in-memory state of
-    ``resume_from="last"`` does not: they are live), then the training state."""
-    state = read(source) if isinstance(source, (str, os.PathLike)) else source
-    if state.get("model") is not None:
-        load_weights(ctx, state)
-    return restore(ctx, state)
+    """:func:`restore` a checkpoint given as a path or as a state."""
+    return restore(ctx, read(source) if isinstance(source, (str, os.PathLike)) else source)
 
 
 def load(ctx: Context, path: PathLike) -> ResumePoint | None:
     """Restore everything :func:`save` wrote into ``ctx``: model, optimizers, GradScaler,
     then the training state (:func:`restore`). Returns the mid-epoch position, if any."""
-    return restore(ctx, load_weights(ctx, path))
+    return resume(ctx, path)
 
 
 def _check_model(model: torch.nn.Module, saved: Mapping[str, Any], where: str) -> None:
@@ -499,31 +517,42 @@ def _alive(pid: int) -> bool:
     return True
 
 
-_PLAIN = (str, int, float, bool, bytes, complex, type(None), torch.Tensor, torch.dtype, torch.device)
+#: The types torch.load(weights_only=True) reads back, checked exactly: a subclass (an IntEnum, a
+#: NumPy float64, a namedtuple, a defaultdict) pickles as its own class, which it refuses.
+_PLAIN = frozenset({str, int, float, bool, bytes, complex, type(None), torch.dtype, torch.device, torch.Size})
+_MAPPINGS = frozenset({dict, collections.OrderedDict})
+_SEQUENCES = frozenset({list, tuple, set, frozenset})
 
 
 def _check_plain(value: Any, where: str) -> None:
-    if isinstance(value, _PLAIN):
+    kind = type(value)
+    if kind in _PLAIN or isinstance(value, torch.Tensor):  # tensors and Parameters
         return
-    if isinstance(value, Mapping):
+    if kind in _MAPPINGS:
         for key, item in value.items():
-            if not isinstance(key, (str, int, float, bool, type(None))):
-                raise TypeError(f"{where} has a key {key!r} of type {type(key).__name__}: {_PLAIN_HINT}")
+            if type(key) not in (str, int, float, bool, type(None)):
+                raise TypeError(f"{where} has a key {key!r} of type {type(key).__name__}: {_hint(where)}")
             _check_plain(item, f"{where}[{key!r}]")
         return
-    if isinstance(value, (list, tuple, set, frozenset)):
+    if kind in _SEQUENCES:
         for index, item in enumerate(value):
             _check_plain(item, f"{where}[{index}]")
         return
-    raise TypeError(f"{where} is a {type(value).__qualname__}: {_PLAIN_HINT}")
+    raise TypeError(f"{where} is a {kind.__module__}.{kind.__qualname__}: {_hint(where)}")
 
 
-_PLAIN_HINT = (
-    "a checkpoint holds tensors and plain Python values only (str, int, float, bool, None, "
-    "lists, tuples, dicts), so that torch.load(weights_only=True) reads it back without running "
-    "code; make the state_dict() that returns it convert the value (e.g. a NumPy array with "
-    "torch.from_numpy, an object to a dict of its fields)"
-)
+def _hint(where: str) -> str:
+    fix = (
+        "log a number, a string or a tensor with ctx.log"
+        if where.startswith("checkpoint['history']")
+        else "make the state_dict() that returns it convert the value (a NumPy value with .item() or "
+        "torch.from_numpy, an enum with .value, an object to a dict of its fields)"
+    )
+    return (
+        "a checkpoint holds tensors and plain Python values only (str, int, float, bool, None, "
+        f"lists, tuples, dicts), so that torch.load(weights_only=True) reads it back without running "
+        f"code; {fix}"
+    )
 
 
 def read(path: PathLike) -> dict[str, Any]:

@@ -479,6 +479,8 @@ class Context:
             value = value.detach()
             if self._epoch_ended:
                 value = plain_value(value)  # at on_epoch_end: as the other values are
+        elif type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+            value = value.item()  # a NumPy scalar (what scikit-learn's metrics return): a float
         self.metrics[name] = value
 
     def commit_epoch(self) -> None:

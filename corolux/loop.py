@@ -470,6 +470,8 @@ def fit_loop(
         point = _resume(ctx) if ctx.resume_from is not None else None
         yield from _at(ctx, Stage.on_fit_begin)
         for epoch in range(ctx.completed_epochs + 1, ctx.max_epochs + 1):
+            if ctx.max_steps is not None and ctx.step >= ctx.max_steps:
+                ctx.stop_training("max_steps")  # a resumed run that had taken them all
             if ctx.stop_reason is not None:
                 break
             ctx.begin_epoch(epoch)
@@ -518,6 +520,16 @@ def _resume(ctx: Context) -> ResumePoint | None:
     source, ctx.resume_from = ctx.resume_from, None
     point = resume(ctx, source)
     if point is not None and point.phase == "train":
+        workers = getattr(ctx.train_data, "num_workers", 0)
+        if workers:
+            warnings.warn(
+                f"resuming inside epoch {point.epoch} with a DataLoader of num_workers={workers}: the "
+                "batches are the same, but random draws made in the workers (per-sample augmentation) "
+                "start from the workers' seeds again, so the rest of this epoch is not bit-identical "
+                "to an uninterrupted run (from the next epoch on it is)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         problem = fast_forward_problem(ctx.train_data)
         if problem is not None:
             warnings.warn(

@@ -377,18 +377,23 @@ class LossTracker:
 
     def _fold(self) -> None:
         if self._losses:
-            try:
-                stacked = torch.stack(self._losses)
-            except RuntimeError:  # the shapes differ: () beside (1,), or a non-scalar loss
-                for loss in self._losses:
-                    _check_loss(loss)
-                stacked = torch.stack([loss.reshape(()) for loss in self._losses])
-            if stacked.ndim != 1:  # (1,) losses are fine; a non-scalar one after the first batch is not
-                for loss in self._losses:
-                    _check_loss(loss)
-            self._total = self._total + stacked.float().sum() * self._size
-            self._count += self._size * len(self._losses)
+            self._total, self._count = self._folded()
             self._losses.clear()
+
+    def _folded(self) -> tuple[torch.Tensor | float, int]:
+        """The sum and count with the losses kept folded in (nothing changes)."""
+        if not self._losses:
+            return self._total, self._count
+        try:
+            stacked = torch.stack(self._losses)
+        except RuntimeError:  # the shapes differ: () beside (1,), or a non-scalar loss
+            for loss in self._losses:
+                _check_loss(loss)
+            stacked = torch.stack([loss.reshape(()) for loss in self._losses])
+        if stacked.ndim != 1:  # (1,) losses are fine; a non-scalar one after the first batch is not
+            for loss in self._losses:
+                _check_loss(loss)
+        return self._total + stacked.float().sum() * self._size, self._count + self._size * len(self._losses)
 
     def state_dict(self) -> dict[str, Any]:
         """The losses kept and the folded sum (for checkpoints taken inside an epoch)."""
@@ -404,10 +409,12 @@ class LossTracker:
         return self._count + self._size * len(self._losses)
 
     def compute(self) -> float:
-        self._fold()
-        if self._count == 0:
+        """The per-sample mean so far; the state is left as it was (a checkpoint taken after
+        it resumes the same sums)."""
+        total, count = self._folded()
+        if count == 0:
             return math.nan
-        return float(self._total) / self._count  # sync-ok: once per phase
+        return float(total) / count  # sync-ok: once per phase
 
 
 def _check_loss(loss: Any) -> None:

@@ -12,9 +12,9 @@ from corolux.context import Context
 
 __all__ = ["AutoResume"]
 
-#: The stop reasons after which training is done (the file goes): it ran to its end, early
-#: stopping ended it, or the ``max_steps`` asked for were taken.
-_DONE = (None, "early_stopping", "max_steps")
+#: The stop reasons after which training is done and the file goes (DESIGN section 8): it ran
+#: to its end, or early stopping ended it.
+_DONE = (None, "early_stopping")
 
 
 class AutoResume(Callback):
@@ -31,8 +31,8 @@ class AutoResume(Callback):
       with ``every_n_steps``, each time ``ctx.step`` reaches a multiple of it, once every
       ``on_train_batch_end`` handler of that batch has run. Writes are atomic: a kill while
       saving leaves the previous file whole.
-    - It deletes the file when training is done (all epochs, early stopping, ``max_steps``)
-      and keeps it after Ctrl-C, a time limit, another stop, an exception or a kill.
+    - It deletes the file when training is done (all epochs, or early stopping) and keeps it
+      after Ctrl-C, a time limit, ``max_steps``, another stop, an exception or a kill.
 
     It is a resume point, not a model archive: keep the weights you want with
     ``trainer.save_checkpoint`` (or ``ModelCheckpoint``).
@@ -70,7 +70,15 @@ class AutoResume(Callback):
                     f"AutoResume({str(self.path)!r}) found its file, and fit() was also given "
                     "resume_from=...: pass one of them"
                 )
-            ctx.resume_from = self.path
+            state = checkpoint.read(self.path)
+            try:
+                checkpoint.check_weights(ctx, state)
+            except checkpoint.CheckpointError as exc:
+                raise checkpoint.CheckpointError(
+                    f"{exc}. It is AutoResume's file: to start afresh, delete it or give AutoResume "
+                    "another path"
+                ) from None
+            ctx.resume_from = state
 
     def on_epoch_end(self, ctx: Context) -> None:
         if ctx.completed_epochs == ctx.epoch:  # a completed epoch (one cut short is not saved)
@@ -78,7 +86,9 @@ class AutoResume(Callback):
 
     def _batch_end(self, ctx: Context) -> None:
         step = ctx.step
-        if step % self.every_n_steps == 0 and step != self._saved_step and not ctx.skipped:  # type: ignore[operator]
+        due = step and step % self.every_n_steps == 0 and step != self._saved_step  # type: ignore[operator]
+        # Never inside a gradient-accumulation window: its gradients would not be saved.
+        if due and (ctx.accumulate_steps == 1 or not ctx.gradients_pending):
             ctx.after_stage(self._save)
 
     def _save(self, ctx: Context) -> None:
