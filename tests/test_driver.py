@@ -153,7 +153,9 @@ def test_user_callback_of_a_default_class_replaces_the_default(capsys: pytest.Ca
     seen: list[Any] = []
     trainer = make_trainer(progress=True, metrics=[corolux.metrics.MAE()])
     probe = at("on_fit_begin", lambda ctx: seen.extend(ctx.callbacks))
-    history = trainer.fit(data(), epochs=1, callbacks=[ProgressBar(style="bar", file=buffer), MetricsTracker(), probe])
+    history = trainer.fit(
+        data(), epochs=1, callbacks=[ProgressBar(style="bar", file=buffer), MetricsTracker(), probe]
+    )
     assert sum(isinstance(cb, ProgressBar) for cb in seen) == 1
     assert sum(isinstance(cb, MetricsTracker) for cb in seen) == 1
     assert buffer.getvalue(), "the user's bar did not write"

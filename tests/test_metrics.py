@@ -564,3 +564,35 @@ def test_a_per_sample_loss_assigned_to_ctx_loss_is_refused(phase):
             trainer.evaluate((x, y), batch_size=50, callbacks=[per_sample])
         else:
             trainer.fit((x, y), batch_size=50, callbacks=[per_sample])
+
+
+def test_an_error_inside_a_metric_names_the_metric_phase_epoch_and_batch():
+    import corolux
+
+    class Broken:
+        name = "broken"
+        higher_is_better = True
+
+        def reset(self):
+            self.n = 0
+
+        def update(self, pred, target):
+            self.n += 1
+            if self.n == 3:
+                raise RuntimeError("bad shapes")
+
+        def compute(self):
+            return 0.0
+
+    trainer = corolux.Trainer(
+        torch.nn.Linear(4, 3),
+        loss_fn=torch.nn.functional.cross_entropy,
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+        device="cpu",
+        progress=False,
+        valid_metrics=[Broken()],
+    )
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    with pytest.raises(RuntimeError, match="bad shapes") as info:
+        trainer.fit((x, y), epochs=2, batch_size=16, valid_data=(x[:48], y[:48]))
+    assert "in metric 'broken'.update, valid phase, epoch 1, batch 3" in info.value.__notes__

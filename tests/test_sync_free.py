@@ -198,8 +198,12 @@ def test_fit_with_the_default_progress_bar_makes_no_sync_per_step(
     frozen, so its throttle never comes due and the count is exact."""
     use_clock(monkeypatch, FakeClock(tick=0.0))
     out = io.StringIO()
-    few = count_fit(syncs, 10, callbacks=[corolux.callbacks.ProgressBar(style="bar", file=out)], progress=True)
-    many = count_fit(syncs, 40, callbacks=[corolux.callbacks.ProgressBar(style="bar", file=out)], progress=True)
+    few = count_fit(
+        syncs, 10, callbacks=[corolux.callbacks.ProgressBar(style="bar", file=out)], progress=True
+    )
+    many = count_fit(
+        syncs, 40, callbacks=[corolux.callbacks.ProgressBar(style="bar", file=out)], progress=True
+    )
     assert_flat(syncs, few, many, "fit(progress=True)")
     assert "Epoch 2/2" in out.getvalue()  # the bar did run
 

@@ -111,14 +111,22 @@ class MetricsTracker(Callback):
         elif ctx.loss is not None:
             self._loss.update(ctx.loss, size)
         for metric in self._phase_metrics:
-            metric.update(ctx.pred, target)
+            try:
+                metric.update(ctx.pred, target)
+            except Exception as exc:  # free on the normal path
+                exc.add_note(f"in metric {metric_name(metric)!r}.update, {_where(ctx)}")
+                raise
 
     def _end(self, ctx: Context, phase: str) -> None:
         for name, tracker in self._losses.items():
             if tracker.count or name != "loss" or not ctx.losses:  # no empty "loss" beside per-optimizer ones
                 ctx.metrics[f"{phase}_{name}"] = tracker.compute()
         for metric in self._phase_metrics:
-            value = metric.compute()
+            try:
+                value = metric.compute()
+            except Exception as exc:
+                exc.add_note(f"in metric {metric_name(metric)!r}.compute, {_where(ctx)}")
+                raise
             if isinstance(value, torch.Tensor):
                 value = value.item()  # sync-ok: once per phase
             ctx.metrics[f"{phase}_{metric_name(metric)}"] = value
@@ -145,3 +153,10 @@ class MetricsTracker(Callback):
     def __repr__(self) -> str:
         names = [metric_name(m) for m in self.train_metrics + self.valid_metrics]
         return f"MetricsTracker(loss, {', '.join(dict.fromkeys(names))})" if names else "MetricsTracker(loss)"
+
+
+def _where(ctx: Context) -> str:
+    where = f"{ctx.phase} phase"
+    if ctx.kind == "fit":
+        where += f", epoch {ctx.epoch}"
+    return f"{where}, batch {ctx.iter}" if ctx.in_batch else where
