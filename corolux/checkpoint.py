@@ -25,6 +25,7 @@ import dataclasses
 import os
 import pickle
 import random
+import socket
 import tempfile
 import warnings
 import zipfile
@@ -469,9 +470,10 @@ def write(state: Mapping[str, Any], path: PathLike) -> Path:
     if not folder.is_dir():
         raise FileNotFoundError(f"cannot write the checkpoint {str(target)!r}: no folder {str(folder)!r}")
     _remove_stale(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".{os.getpid()}.tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".{_WRITER}.tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as file:
+            os.fchmod(file.fileno(), 0o666 & ~_umask())  # as open() would make it, not mkstemp's 0600
             torch.save(dict(state), file)
             file.flush()
             os.fsync(file.fileno())
@@ -497,12 +499,24 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+#: Who writes a temporary file: this machine and process (a folder may be shared by several).
+_WRITER = f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _remove_stale(target: Path) -> None:
-    """Remove the temporary files of earlier writes of ``target`` whose process is gone (a
-    kill while writing leaves one)."""
+    """Remove the temporary files that earlier writes of ``target`` on this machine left when
+    their process was killed (``.<name>.<random>.<host>-<pid>.tmp``)."""
+    host = _WRITER.rsplit("-", 1)[0]
     for tmp in target.parent.glob(f".{target.name}.*.tmp"):
-        pid = tmp.name.rsplit(".", 2)[-2]
-        if pid.isdigit() and not _alive(int(pid)):
+        writer = tmp.name[len(target.name) + 2 : -len(".tmp")].partition(".")[2]
+        their_host, _, pid = writer.rpartition("-")
+        if their_host == host and pid.isdigit() and not _alive(int(pid)):
             with contextlib.suppress(OSError):
                 tmp.unlink()
 

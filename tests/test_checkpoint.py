@@ -744,3 +744,12 @@ def test_a_mid_epoch_resume_with_loader_workers_warns_that_their_draws_restart(d
         make_trainer().fit(workers(data), epochs=2, callbacks=[AutoResume(path, every_n_steps=3), Kill(1, 4)])
     with pytest.warns(RuntimeWarning, match="num_workers=1: the batches are the same"):
         make_trainer().fit(workers(data), epochs=2, callbacks=[AutoResume(path, every_n_steps=3)])
+
+
+def test_checkpoint_files_get_the_permissions_open_gives_not_owner_only(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        make_trainer().save_checkpoint(tmp_path / "p.pt")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "p.pt").stat().st_mode & 0o777 == 0o644
