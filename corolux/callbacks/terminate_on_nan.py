@@ -1,0 +1,71 @@
+"""TerminateOnNaN: stop training at the first non-finite training loss, before its step."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+
+from corolux.callback import Callback
+from corolux.context import Context
+
+__all__ = ["TerminateOnNaN"]
+
+
+class TerminateOnNaN(Callback):
+    """Stop training when a training loss is NaN or infinite, without stepping on it.
+
+    At ``on_train_batch_after_loss`` it checks ``ctx.loss``; a non-finite one skips the rest
+    of the batch (no backward, no optimizer step: the weights stay those the previous step
+    left) and stops training with reason ``"nan"`` (``history.stop_reason``), with a
+    ``RuntimeWarning`` naming the epoch and the batch. Under gradient accumulation the
+    window's earlier gradients are dropped, not stepped.
+
+    .. warning::
+       Each check reads the loss on the host: one device sync per training batch (per
+       optimizer, with several). That is why it is opt-in, not a default callback.
+
+    Weight ``inf`` at ``on_train_batch_after_loss``: it checks the loss that the backward
+    will use, after the callbacks (e.g. MixUp) that rewrite ``ctx.loss`` there.
+
+    Example:
+        >>> TerminateOnNaN()
+        TerminateOnNaN()
+        >>> history = trainer.fit(data, epochs=10, callbacks=[TerminateOnNaN()])  # doctest: +SKIP
+        >>> history.stop_reason  # doctest: +SKIP
+        'nan'
+    """
+
+    weight = {"on_train_batch_after_loss": float("inf")}
+
+    def on_train_batch_after_loss(self, ctx: Context) -> None:
+        loss = ctx.loss
+        if _finite(loss):  # sync: one host read of the loss per check (opt-in, see the docstring)
+            return
+        ctx.skip_batch()
+        ctx.stop_training("nan")
+        batches = "" if ctx.num_batches is None else f"/{ctx.num_batches}"
+        which = f" (optimizer {ctx.opt_name!r})" if len(ctx.optimizers) > 1 else ""
+        warnings.warn(
+            f"TerminateOnNaN: the training loss is {_shown(loss)} at epoch {ctx.epoch}, batch "
+            f"{ctx.iter}{batches}{which}; training stops (reason 'nan') without stepping on it",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+def _finite(loss: Any) -> bool:
+    if isinstance(loss, torch.Tensor):
+        return bool(torch.isfinite(loss.detach()).all())
+    try:
+        return math.isfinite(float(loss))
+    except (TypeError, ValueError):
+        return True  # not a number: the backward reports it
+
+
+def _shown(loss: Any) -> str:
+    if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+        return repr(float(loss.detach()))
+    return repr(loss)
