@@ -239,7 +239,8 @@ def check_loss_fn(loss_fn: Any) -> Any:
 
 
 def resolve_epochs(epochs: Any) -> tuple[int, int]:
-    """``n`` -> ``(n, n)``; ``(min, max)`` checked."""
+    """``n`` -> ``(0, n)`` (DESIGN section 5: only EarlyStopping honours the minimum, and a
+    bare number sets none); ``(min, max)`` checked."""
 
     def is_int(x: Any) -> bool:
         return isinstance(x, int) and not isinstance(x, bool)
@@ -247,7 +248,7 @@ def resolve_epochs(epochs: Any) -> tuple[int, int]:
     if is_int(epochs):
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs!r}")
-        return epochs, epochs
+        return 0, epochs
     if isinstance(epochs, (tuple, list)) and len(epochs) == 2 and all(map(is_int, epochs)):
         low, high = epochs
         if not 0 <= low <= high or high < 1:

@@ -111,7 +111,7 @@ def test_epochs_as_a_zero_d_tensor_says_to_use_int():
         resolve_epochs(torch.tensor(3))
 
 
-@pytest.mark.parametrize(("epochs", "expected"), [(3, (3, 3)), ((0, 4), (0, 4)), ([2, 2], (2, 2))])
+@pytest.mark.parametrize(("epochs", "expected"), [(3, (0, 3)), ((0, 4), (0, 4)), ([2, 2], (2, 2))])
 def test_good_epochs_still_resolve(epochs, expected):
     assert resolve_epochs(epochs) == expected
 

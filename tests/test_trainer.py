@@ -306,14 +306,14 @@ def test_epochs_range_sets_min_and_max_epochs():
     assert len(history["train_loss"]) == 4
 
 
-def test_int_epochs_sets_min_and_max_alike():
+def test_int_epochs_sets_no_minimum():
     seen = []
     make_trainer().fit(
         iris(),
         epochs=3,
         callbacks=[Recorder(lambda s, ctx: seen.append((ctx.min_epochs, ctx.max_epochs)), "on_fit_begin")],
     )
-    assert seen == [(3, 3)]
+    assert seen == [(0, 3)]  # DESIGN section 5: epochs=n means (0, n)
 
 
 def test_counters_epoch_iter_step_completed():
