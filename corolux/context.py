@@ -98,6 +98,7 @@ class Context:
         "signals",
         "resume_from",
         "data_state",
+        "timing",
         "_in_batch",
         "_backward_iter",
         "_validation_skipped",
@@ -183,6 +184,9 @@ class Context:
         #: (``corolux.data.pass_state``), and under ``"valid"`` the torch RNG state as its
         #: validation began: for checkpoints taken inside the epoch. None before the pass.
         self.data_state: dict[str, Any] | None = None
+        #: When a dict (``Profile`` sets one), the loop adds to ``timing["<phase>_data"]`` the
+        #: seconds each phase waits for the data to give its next batch.
+        self.timing: dict[str, float] | None = None
         self._in_batch = False
         self._backward_iter = 0
         self._validation_skipped = False

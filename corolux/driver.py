@@ -196,7 +196,15 @@ class Driver:
                 continue
             for name, handler in found.items():
                 entries.setdefault(name, []).append((weight_of(cb, name), position, handler, cb))
+        # A callback with wrap_handler (Profile) wraps every other callback's class handlers,
+        # once per run: nothing is wrapped, and nothing costs more, in a run without one.
+        wrappers = [cb for cb in callbacks if callable(getattr(cb, "wrap_handler", None))]
         for name, items in entries.items():
+            for wrapper in wrappers:
+                items[:] = [
+                    (w, pos, handler if cb is wrapper else wrapper.wrap_handler(handler, cb, name), cb)
+                    for w, pos, handler, cb in items
+                ]
             items.sort(key=_ORDER)
             # One function given to two callbacks gets a distinct object each, so that an
             # error is noted with the callback that ran it (owners are found by position).

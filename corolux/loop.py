@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 import warnings
 from collections.abc import Callable, Collection, Container, Generator, Iterable, Iterator, Mapping
 from typing import Any
@@ -299,6 +300,8 @@ def _phase(
                 batches = resume_batches(
                     data, resume.data_state, resume.batches_done, lambda: set_rng_state(rng)
                 )
+            if ctx.timing is not None:  # Profile: time what waiting for data costs (a frame per batch)
+                batches = _timed(batches, ctx.timing, f"{phase}_data")
             for batch in batches:
                 if move:
                     batch = to_device(batch, device)
@@ -371,6 +374,21 @@ def _phase(
             _settle(ctx)
             raise
         yield from _end_phase(ctx, end, outputs, last)
+
+
+def _timed(batches: Iterator[Any], timing: dict[str, float], key: str) -> Iterator[Any]:
+    """``batches``, adding the seconds spent in each ``next()`` to ``timing[key]``."""
+    clock = time.perf_counter
+    timing.setdefault(key, 0.0)
+    while True:
+        start = clock()
+        try:
+            batch = next(batches)
+        except StopIteration:
+            timing[key] += clock() - start
+            return
+        timing[key] += clock() - start
+        yield batch
 
 
 def _end_phase(ctx: Context, end: Stage, outputs: list[Any] | None, last: bool) -> Loop:
