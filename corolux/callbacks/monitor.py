@@ -34,8 +34,13 @@ class Monitor:
             raise TypeError(f"{owner}: monitor must be a history name such as 'valid_loss', got {name!r}")
         if mode not in MODES:
             raise ValueError(f"{owner}: mode must be one of {MODES}, got {mode!r}")
-        if not isinstance(min_delta, (int, float)) or isinstance(min_delta, bool) or min_delta < 0:
-            raise ValueError(f"{owner}: min_delta must be a number >= 0, got {min_delta!r}")
+        if (
+            not isinstance(min_delta, (int, float))
+            or isinstance(min_delta, bool)
+            or not math.isfinite(min_delta)  # nan would make every comparison false: nothing improves
+            or min_delta < 0
+        ):
+            raise ValueError(f"{owner}: min_delta must be a finite number >= 0, got {min_delta!r}")
         self.name = name
         self.mode = mode
         self.min_delta = float(min_delta)
@@ -61,8 +66,11 @@ class Monitor:
         if value is None:
             names = available(ctx)
             if self.name not in names:
+                hint = did_you_mean(self.name, names) or ""
+                if self.name.startswith("valid_") and ctx.valid_data is None:
+                    hint = " this run has no validation data (pass valid_data= to fit);"
                 raise ValueError(
-                    f"{self.owner}: unknown monitor {self.name!r};{did_you_mean(self.name, names) or ''} "
+                    f"{self.owner}: unknown monitor {self.name!r};{hint} "
                     f"available: {', '.join(sorted(names)) or 'none'}"
                 )
             return None
