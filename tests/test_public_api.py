@@ -41,7 +41,26 @@ CORE = {
     "seed_everything",
 }
 
-CALLBACKS = {"DEFAULTS", "AutoResume", "Breakpoint", "MetricsTracker", "ProgressBar"}
+CALLBACKS = {
+    "DEFAULTS",
+    "AutoResume",
+    "Breakpoint",
+    "CSVLogger",
+    "EarlyStopping",
+    "GradientAccumulation",
+    "GradientClip",
+    "KeepBestModel",
+    "LRMonitor",
+    "LRScheduler",
+    "MetricsTracker",
+    "MixUp",
+    "ModelCheckpoint",
+    "Profile",
+    "ProgressBar",
+    "TensorBoardLogger",
+    "TerminateOnNaN",
+    "Timer",
+}
 
 METRICS = {
     "Accuracy",
