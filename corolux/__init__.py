@@ -21,6 +21,7 @@ from corolux.events import Event as Event
 from corolux.events import Stage as Stage
 from corolux.events import every as every
 from corolux.history import History as History
+from corolux.lr_finder import lr_finder as lr_finder
 from corolux.trainer import Trainer as Trainer
 from corolux.trainer import fit as fit
 
@@ -44,6 +45,7 @@ __all__ = [
     "coroutine",
     "every",
     "fit",
+    "lr_finder",
     "metrics",
     "seed_everything",
 ]

@@ -50,7 +50,9 @@ __all__ = [
     "read",
     "restore",
     "resume",
+    "rng_state",
     "save",
+    "set_rng_state",
     "unwrap",
     "weights_state",
     "write",
@@ -95,11 +97,12 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     (``._orig_mod``) wrappers."""
     while True:
         if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
-            model = model._orig_mod
+            inner = model.module
         else:
+            inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
             return model
+        model = inner
 
 
 def _model_state(model: torch.nn.Module) -> dict[str, Any]:

@@ -294,6 +294,7 @@ def _phase(
                 ctx.data_state = pass_state(data)  # what this pass's order comes from (checkpoints)
                 batches = iter(data)
             else:
+                assert resume.data_state is not None  # a training pass's checkpoint records it
                 set_epoch(data, ctx.epoch - 1)
                 ctx.data_state = resume.data_state
                 rng = resume.rng

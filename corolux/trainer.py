@@ -6,11 +6,13 @@ Every entry point drives the same loop generator (``corolux.loop``) through a ``
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import inspect
 import os
 import weakref
 from collections import deque
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -427,6 +429,38 @@ class Trainer:
         callbacks and RNG, is what ``fit(..., resume_from=path)`` restores). A checkpoint of
         another model or optimizer is refused, nothing changed, with its first differences."""
         checkpoint.load_weights(self._bare_context(), path)
+
+    @contextlib.contextmanager
+    def preserving_state(self) -> Iterator[None]:
+        """A block after which this trainer is as it was before it, in every outcome: model
+        weights and train/eval modes, optimizers, GradScaler, history, the last fit's state,
+        the ``progress`` setting, and every RNG (``lr_finder`` runs in one).
+
+        Example:
+            >>> with trainer.preserving_state():                        # doctest: +SKIP
+            ...     trainer.fit(data, epochs=1)   # a trial: nothing of it stays
+        """
+        saved: dict[str, Any] = {
+            "model": copy.deepcopy(self.model.state_dict()),
+            "optimizers": {name: copy.deepcopy(opt.state_dict()) for name, opt in self.optimizers.items()},
+            "scaler": None if self.scaler is None else copy.deepcopy(self.scaler.state_dict()),
+            "rng": checkpoint.rng_state(),
+        }
+        modes = [(module, module.training) for module in self.model.modules()]
+        kept = (self.history, self._last_state, self._last_problem, self.progress)
+        try:
+            yield
+        finally:
+            self.close_run()
+            self.model.load_state_dict(saved["model"])
+            for name, opt in self.optimizers.items():
+                opt.load_state_dict(saved["optimizers"][name])
+            if self.scaler is not None and saved["scaler"] is not None:
+                self.scaler.load_state_dict(saved["scaler"])
+            checkpoint.set_rng_state(saved["rng"])
+            for module, training in modes:
+                module.training = training
+            self.history, self._last_state, self._last_problem, self.progress = kept
 
     def _bare_context(self) -> Context:
         """A context over this trainer's model and optimizers, for a checkpoint outside a run."""

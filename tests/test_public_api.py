@@ -33,6 +33,7 @@ CORE = {
     "__version__",
     "callback",
     "checkpoint",
+    "lr_finder",
     "callbacks",
     "coroutine",
     "every",

@@ -72,6 +72,6 @@ class GradientClip(Callback):
 def _positive(name: str, value: Any) -> float:
     if isinstance(value, str) and value.lower() == "inf":
         value = math.inf
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value) > 0:
         raise ValueError(f"GradientClip: {name} must be a number > 0, got {value!r}")
     return float(value)
