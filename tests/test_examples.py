@@ -13,9 +13,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_example(name: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run_example(name: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, str(ROOT / "examples" / name)],
+        [sys.executable, str(ROOT / "examples" / name), *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -58,3 +58,22 @@ def test_quickstart_is_reproducible(quickstart):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "test:" in again.stdout
     assert again.stdout == quickstart.stdout
+
+
+def test_the_callbacks_example_trains_logs_and_keeps_the_best_model(tmp_path):
+    pytest.importorskip("sklearn")
+    import corolux
+
+    proc = run_example("callbacks.py", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (test_line,) = [line for line in proc.stdout.splitlines() if line.startswith("test:")]
+    results = ast.literal_eval(test_line.removeprefix("test:").strip())
+    assert results["acc"] > 0.9, results
+    rows = (tmp_path / "log.csv").read_text().splitlines()
+    assert rows[0] == "epoch,phase,loss,acc"
+    epochs = int(rows[-1].split(",")[0])
+    assert len(rows) == 1 + 2 * epochs  # a train and a valid row per epoch
+    best = corolux.checkpoint.read(tmp_path / "best.pt")
+    valid_losses = [float(r.split(",")[2]) for r in rows[1:] if r.split(",")[1] == "valid"]
+    assert best["history"]["records"][-1]["valid_loss"] == min(valid_losses)
+    assert not (tmp_path / "resume.pt").exists()  # AutoResume's file goes once training is done
