@@ -74,9 +74,9 @@ def same_state(a: corolux.Trainer, b: corolux.Trainer) -> bool:
     return params and states and opt_a["param_groups"] == opt_b["param_groups"]
 
 
-def reference(data, make_data, **fit):
+def reference(data, make_data, metrics=None, **fit):
     torch.manual_seed(1)
-    trainer = make_trainer()
+    trainer = make_trainer() if metrics is None else make_trainer(metrics=metrics)
     history = trainer.fit(make_data(data), epochs=EPOCHS, valid_data=(data[2], data[3]), **fit)
     return trainer, history
 
@@ -753,3 +753,30 @@ def test_checkpoint_files_get_the_permissions_open_gives_not_owner_only(tmp_path
     finally:
         os.umask(mask)
     assert (tmp_path / "p.pt").stat().st_mode & 0o777 == 0o644
+
+
+def test_torchmetrics_accumulators_resume_inside_an_epoch(data, tmp_path):
+    torchmetrics = pytest.importorskip("torchmetrics")
+
+    def metrics():
+        return [torchmetrics.classification.MulticlassF1Score(num_classes=10, average="macro")]
+
+    ref, ref_history = reference(data, loader, metrics=metrics())
+    path = tmp_path / "tm.pt"
+    torch.manual_seed(1)
+    with pytest.raises(SystemExit):
+        make_trainer(metrics=metrics()).fit(
+            loader(data),
+            epochs=EPOCHS,
+            valid_data=(data[2], data[3]),
+            callbacks=[AutoResume(path, every_n_steps=4), Kill(epoch=2, batch=10)],
+        )
+    resumed = make_trainer(seed=3, metrics=metrics())
+    history = resumed.fit(
+        loader(data),
+        epochs=EPOCHS,
+        valid_data=(data[2], data[3]),
+        callbacks=[AutoResume(path, every_n_steps=4)],
+    )
+    assert "train_multiclass_f1_score" in history
+    assert same_state(ref, resumed) and history.to_dict() == ref_history.to_dict()
