@@ -6,7 +6,7 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["History", "plain_value"]
+__all__ = ["History", "finish_figure", "plain_value", "pyplot"]
 
 
 class History:
@@ -107,14 +107,7 @@ class History:
 
         Returns the matplotlib ``Figure``; saves it as a PNG when ``path`` is given.
         """
-        try:
-            import matplotlib
-
-            if path is not None:
-                matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            raise ImportError("History.plot() needs matplotlib: pip install 'corolux[plot]'") from None
+        plt = pyplot(path, "History.plot()")
         metrics: dict[str, list[str]] = {}
         for name in self.names:
             phase, _, metric = name.partition("_")
@@ -130,11 +123,7 @@ class History:
             ax.set_ylabel(metric)
             ax.legend()
         axes[-1, 0].set_xlabel("epoch")
-        fig.tight_layout()
-        if path is not None:
-            fig.savefig(path)
-            plt.close(fig)
-        return fig
+        return finish_figure(plt, fig, path)
 
     def __repr__(self) -> str:
         if not self.records:
@@ -149,6 +138,29 @@ class History:
         elif self.interrupted:
             flag = ", interrupted"
         return f"History({len(self.records)} epochs{flag}; last: {shown})"
+
+
+def pyplot(path: str | None, who: str) -> Any:
+    """``matplotlib.pyplot`` (the file-only Agg backend when the figure goes to ``path``), or
+    an ImportError that names ``who`` and the extra to install."""
+    try:
+        import matplotlib
+
+        if path is not None:
+            matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError(f"{who} needs matplotlib: pip install 'corolux[plot]'") from None
+    return plt
+
+
+def finish_figure(plt: Any, fig: Any, path: str | None) -> Any:
+    """Lay ``fig`` out; save it as a PNG at ``path`` (and close it) when given; return it."""
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path)
+        plt.close(fig)
+    return fig
 
 
 def plain_value(value: Any) -> Any:

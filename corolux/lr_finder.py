@@ -10,6 +10,7 @@ import torch
 
 from corolux.callback import Callback
 from corolux.context import Context
+from corolux.history import finish_figure, pyplot
 
 __all__ = ["LRFinder", "lr_finder"]
 
@@ -56,14 +57,7 @@ class LRFinder:
     def plot(self, path: str | None = None) -> Any:
         """The smoothed loss against the rate (log scale), the suggestion marked; needs
         matplotlib. Returns the Figure; saves it as a PNG when ``path`` is given."""
-        try:
-            import matplotlib
-
-            if path is not None:
-                matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            raise ImportError("LRFinder.plot() needs matplotlib: pip install 'corolux[plot]'") from None
+        plt = pyplot(path, "LRFinder.plot()")
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(self.lrs[: self.stop], self.smoothed[: self.stop], label="loss (smoothed)")
         ax.set_xscale("log")
@@ -74,11 +68,7 @@ class LRFinder:
                 self.suggestion, color="red", linestyle="--", label=f"suggestion {self.suggestion:.2e}"
             )
         ax.legend()
-        fig.tight_layout()
-        if path is not None:
-            fig.savefig(path)
-            plt.close(fig)
-        return fig
+        return finish_figure(plt, fig, path)
 
     def __repr__(self) -> str:
         shown = "none" if self.suggestion is None else f"{self.suggestion:.3g}"

@@ -462,14 +462,19 @@ class Trainer:
                 module.training = training
             self.history, self._last_state, self._last_problem, self.progress = kept
 
-    def _bare_context(self) -> Context:
-        """A context over this trainer's model and optimizers, for a checkpoint outside a run."""
+    def _bare_context(self, kind: str = "fit") -> Context:
+        """A context over this trainer's model and optimizers (a run's, or one for a
+        checkpoint outside a run)."""
         return Context(
             model=self.model,
             optimizers=self.optimizers,
             loss_fn=self.loss_fn,
             device=self.device,
             precision=self.precision,
+            kind=kind,
+            hparams=self.hparams,
+            is_main_process=is_main_process(),
+            stages=self.all_stages,
             unpack=self.unpack,
         )
 
@@ -505,18 +510,7 @@ class Trainer:
     def _context(self, kind: str) -> Context:
         if self.seed is not None:
             seed_everything(self.seed)
-        return Context(
-            model=self.model,
-            optimizers=self.optimizers,
-            loss_fn=self.loss_fn,
-            device=self.device,
-            precision=self.precision,
-            kind=kind,
-            hparams=self.hparams,
-            is_main_process=is_main_process(),
-            stages=self.all_stages,
-            unpack=self.unpack,
-        )
+        return self._bare_context(kind)
 
     def _callbacks(self, defaults: list[Any], callbacks: Sequence[Any] | None) -> list[Any]:
         """The defaults (minus those a user callback of the same class replaces) + user's."""

@@ -31,3 +31,26 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
     """The 1,797 8x8 digits: 64 features in [0, 1], 10 classes (fresh copies)."""
     x, y = _digits()
     return x.clone(), y.clone()
+
+
+def overfitting_split() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """200 digits to train on and 300 to validate: a small MLP overfits them, so valid_loss
+    goes down, then up and down (what early stopping and best-model callbacks need)."""
+    x, y = _digits()
+    return (x[:200].clone(), y[:200].clone()), (x[1000:1300].clone(), y[1000:1300].clone())
+
+
+def digits_mlp_trainer(seed: int = 0, lr: float = 3e-2):  # -> corolux.Trainer
+    """A 64-64-10 MLP on the CPU with Adam(lr) and accuracy, initialised from ``seed``."""
+    import corolux
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    return corolux.Trainer(
+        model,
+        loss_fn=torch.nn.functional.cross_entropy,
+        optimizer=lambda p: torch.optim.Adam(p, lr=lr),
+        metrics=[corolux.metrics.Accuracy()],
+        device="cpu",
+        progress=False,
+    )

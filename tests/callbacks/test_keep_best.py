@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from realdata import digits
+from realdata import digits_mlp_trainer, overfitting_split
 
 import corolux
 from corolux import checkpoint
@@ -20,23 +20,13 @@ EPOCHS = 12
 
 
 def make_trainer(seed: int = 0) -> corolux.Trainer:
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
-    return corolux.Trainer(
-        model,
-        loss_fn=F.cross_entropy,
-        optimizer=lambda p: torch.optim.Adam(p, lr=3e-2),
-        metrics=[corolux.metrics.Accuracy()],
-        device="cpu",
-        progress=False,
-    )
+    return digits_mlp_trainer(seed, lr=3e-2)
 
 
 @pytest.fixture(scope="module")
 def data():
     """A small MLP overfits 200 digits: the best validation epoch is not the last."""
-    x, y = digits()
-    return (x[:200], y[:200]), (x[1000:1300], y[1000:1300])
+    return overfitting_split()
 
 
 class Weights(corolux.Callback):
