@@ -22,6 +22,7 @@ from torch.utils.data import (
 )
 
 __all__ = [
+    "ShardSampler",
     "TensorBatches",
     "default_unpack",
     "fast_forward_problem",
@@ -64,6 +65,7 @@ def resolve_data(
     shuffle: bool,
     device: torch.device,
     epochs: int = 1,
+    shard: tuple[int, int] | None = None,
 ) -> Iterable[Any]:
     """Turn what the user passed as ``name`` into something that iterates over batches.
 
@@ -71,6 +73,11 @@ def resolve_data(
     map-style ``Dataset``, is batched
     (``batch_size``, default 32; shuffled when ``shuffle``; the last partial batch kept).
     A DataLoader or any other re-iterable of batches is used as it is.
+
+    ``shard=(rank, world_size)`` (DDP) gives this rank its share: for training
+    (``shuffle``) as ``DistributedSampler`` does (equal shares, the last padded with samples
+    from the start; ``batch_size`` per process), for validation and prediction every
+    ``world_size``-th sample from ``rank`` on, each sample once.
     """
     if _is_tensor_pair(data):
         data = _tensor_dataset(data, name)
@@ -90,9 +97,14 @@ def resolve_data(
         if in_memory is not None:  # indexed directly: no per-sample __getitem__ and collate
             tensors, indices = in_memory
             pin = device.type == "cuda" and tensors[0].device.type == "cpu"
-            return TensorBatches(tensors, indices, batch_size=size, shuffle=shuffle, pin=pin)
+            return TensorBatches(tensors, indices, batch_size=size, shuffle=shuffle, pin=pin, shard=shard)
         # Pin host memory for fast non-blocking copies to the GPU.
         pin = device.type == "cuda"
+        if shard is not None:
+            if iterable:
+                raise TypeError(_unshardable(name, data))
+            sampler = _shard_sampler(data, shard, shuffle)
+            return DataLoader(data, batch_size=size, sampler=sampler, pin_memory=pin)
         return DataLoader(data, batch_size=size, shuffle=shuffle and not iterable, pin_memory=pin)
     if batch_size is not None:
         raise ValueError(
@@ -100,6 +112,10 @@ def resolve_data(
             f"({type(data).__name__}); set the batch size where you build it, or pass a "
             "Dataset or an (inputs, targets) pair to have corolux batch it"
         )
+    if shard is not None:
+        if isinstance(data, DataLoader):
+            return _sharded_loader(data, shard, shuffle, name)
+        raise TypeError(_unshardable(name, data))
     if isinstance(data, (str, bytes, Mapping)) or not isinstance(data, Iterable):
         raise TypeError(
             f"{name} must be a DataLoader, a Dataset, an (inputs, targets) pair of tensors or "
@@ -145,13 +161,29 @@ class TensorBatches:
         batch_size: int,
         shuffle: bool,
         pin: bool = False,
+        shard: tuple[int, int] | None = None,
     ) -> None:
         self.tensors = tensors
         self.indices = indices  # the rows a Subset keeps, in its order (None: all of them)
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.pin = pin
-        self.size = len(tensors[0]) if indices is None else len(indices)
+        total = len(tensors[0]) if indices is None else len(indices)
+        #: Under DDP (``shard=(rank, world_size)``): training shuffles and pads as
+        #: ``DistributedSampler`` does (its ``set_epoch`` reshuffles); validation takes every
+        #: ``world_size``-th row from ``rank`` on.
+        self.sampler: DistributedSampler[int] | None = None
+        self.stride: tuple[int, int] | None = None
+        if shard is not None and shuffle:
+            rank, world = shard
+            positions: Any = range(total)  # all DistributedSampler needs of a dataset: its length
+            self.sampler = DistributedSampler(positions, num_replicas=world, rank=rank, shuffle=True, seed=0)
+            self.size = len(self.sampler)
+        elif shard is not None:
+            self.stride = shard
+            self.size = len(range(shard[0], total, shard[1]))
+        else:
+            self.size = total
 
     def __len__(self) -> int:
         return -(-self.size // self.batch_size)
@@ -171,7 +203,9 @@ class TensorBatches:
     def _batches(self, skip: int, then: Callable[[], None] | None) -> Iterator[tuple[torch.Tensor, ...]]:
         size, step = self.size, self.batch_size
         rows = self.indices
-        if self.shuffle:  # RandomSampler: a seed drawn at the first batch, then one randperm
+        if self.sampler is not None or self.stride is not None:  # this rank's share (DDP)
+            rows = self._share(rows)
+        elif self.shuffle:  # RandomSampler: a seed drawn at the first batch, then one randperm
             seed = int(torch.empty((), dtype=torch.int64).random_().item())  # sync-ok: a CPU tensor
             order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
             rows = order if rows is None else rows[order.to(rows.device)]
@@ -185,6 +219,16 @@ class TensorBatches:
         rows = rows.to(self.tensors[0].device)
         for start in range(first, size, step):
             yield self._gather(rows[start : start + step])
+
+    def _share(self, rows: torch.Tensor | None) -> torch.Tensor:
+        """This rank's rows (of the Subset's ``rows`` when there are some)."""
+        if self.sampler is not None:
+            share = torch.tensor(list(self.sampler), dtype=torch.long)
+        else:
+            assert self.stride is not None
+            rank, world = self.stride
+            share = torch.arange(rank, len(self.tensors[0]) if rows is None else len(rows), world)
+        return share if rows is None else rows[share.to(rows.device)]
 
     def _slice(self, start: int, stop: int) -> tuple[torch.Tensor, ...]:
         if not self.pin:
@@ -474,4 +518,68 @@ def _rebuilt(loader: DataLoader, batch_sampler: Any) -> DataLoader:
         prefetch_factor=loader.prefetch_factor if workers else None,
         persistent_workers=loader.persistent_workers,
         in_order=loader.in_order,
+    )
+
+
+# -- sharding (DDP) --------------------------------------------------------------------------------
+
+
+class ShardSampler(torch.utils.data.Sampler[int]):
+    """Every ``world_size``-th index from ``rank`` on, each once (no padding): the validation
+    share of a rank, so that metrics reduced over the ranks count every sample once."""
+
+    def __init__(self, size: int, rank: int, world_size: int) -> None:
+        self.size, self.rank, self.world_size = size, rank, world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.size, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.size, self.world_size))
+
+
+def _shard_sampler(dataset: Any, shard: tuple[int, int], shuffle: bool) -> Any:
+    rank, world = shard
+    if shuffle:
+        return DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=0)
+    return ShardSampler(len(dataset), rank, world)
+
+
+def _sharded_loader(loader: DataLoader, shard: tuple[int, int], shuffle: bool, name: str) -> DataLoader:
+    """A user's DataLoader for one rank: kept when it has a DistributedSampler already, else
+    rebuilt over the same dataset with this rank's sampler (the same batch size, collate
+    function and workers)."""
+    if isinstance(loader.sampler, DistributedSampler):
+        return loader
+    if (
+        isinstance(loader.dataset, IterableDataset)
+        or loader.batch_size is None
+        or not isinstance(loader.sampler, (RandomSampler, SequentialSampler))
+    ):
+        raise TypeError(_unshardable(name, loader))
+    training = shuffle and isinstance(loader.sampler, RandomSampler)
+    workers = loader.num_workers
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=_shard_sampler(loader.dataset, shard, training),
+        num_workers=workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        drop_last=loader.drop_last,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context if workers else None,
+        generator=loader.generator,
+        prefetch_factor=loader.prefetch_factor if workers else None,
+        persistent_workers=loader.persistent_workers,
+    )
+
+
+def _unshardable(name: str, data: Any) -> str:
+    return (
+        f"{name}: under DDP each process trains on its share of the data, and corolux cannot shard "
+        f"a {type(data).__name__}; pass tensors, a map-style Dataset or a DataLoader (with torch's "
+        "default samplers, or with your own DistributedSampler, kept as it is), or shard it yourself "
+        "and pass it as a DataLoader with a DistributedSampler"
     )

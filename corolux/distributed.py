@@ -1,10 +1,38 @@
-"""Distributed helpers: rank detection and rank-0 guards (DDP wiring comes with its issue)."""
+"""Distributed data-parallel training on ``torch.distributed``: joining the process group a
+``torchrun`` launch describes, the rank-0 guard, and the reductions that make metrics exact.
+
+Under ``torchrun --nproc_per_node=N script.py`` every process builds the same ``Trainer``; it
+joins the process group (gloo on the CPU, nccl on CUDA; one already initialised is used as it
+is), trains on its share of the data through ``DistributedDataParallel``, and reduces losses and
+metrics across the processes, so every rank's history is the whole data set's.
+"""
 
 from __future__ import annotations
 
+import atexit
+import dataclasses
+import datetime
+import os
+from typing import Any
+
+import torch
 import torch.distributed as dist
 
-__all__ = ["is_distributed", "is_main_process"]
+from corolux.callback import Callback
+from corolux.context import Context
+
+__all__ = [
+    "AgreeOnStop",
+    "Distributed",
+    "any_rank",
+    "is_distributed",
+    "is_main_process",
+    "join",
+    "launched",
+    "reduce_sum",
+]
+
+STRATEGIES = (None, "ddp")
 
 
 def is_distributed() -> bool:
@@ -15,3 +43,148 @@ def is_distributed() -> bool:
 def is_main_process() -> bool:
     """True on rank 0, or when not running distributed."""
     return not is_distributed() or dist.get_rank() == 0
+
+
+def launched() -> bool:
+    """True in a process that ``torchrun`` (or another launcher setting ``WORLD_SIZE``,
+    ``RANK`` and ``LOCAL_RANK``) started as one of several."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Distributed:
+    """The process group a trainer trains in: this process's rank, their number, the local
+    rank (which GPU on this machine) and whether corolux created the group."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    created: bool
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.rank == 0
+
+
+def join(strategy: str | None, device: str | torch.device, timeout: float) -> Distributed | None:
+    """Join the process group of a ``torchrun`` launch (or ``strategy="ddp"``); None for a
+    single process. The group is created with ``timeout`` seconds for every collective (a
+    rank that fails or is killed makes the others fail within it), and destroyed at exit if
+    corolux created it.
+
+    Raises:
+        ValueError: an unknown strategy, or ``"ddp"`` in a process no launcher started.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be None or 'ddp', got {strategy!r}")
+    if strategy is None and not launched() and not is_distributed():
+        return None
+    if not dist.is_available():
+        raise RuntimeError("this PyTorch build has no torch.distributed; DDP training needs it")
+    created = False
+    if not dist.is_initialized():
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            raise ValueError(
+                "strategy='ddp' needs the environment of a launcher (RANK, WORLD_SIZE, MASTER_ADDR, "
+                "...): start the script with torchrun --nproc_per_node=N script.py"
+            )
+        cuda = _wants_cuda(device)
+        backend = "nccl" if cuda else "gloo"
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+        created = True
+        atexit.register(_leave)
+    return Distributed(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        created=created,
+    )
+
+
+def _wants_cuda(device: str | torch.device) -> bool:
+    if isinstance(device, str) and device == "auto":
+        return torch.cuda.is_available()
+    return torch.device(device).type == "cuda"
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def device_for(setup: Distributed, device: str | torch.device) -> str | torch.device:
+    """The device of this rank: ``cuda:LOCAL_RANK`` for ``"auto"`` or ``"cuda"`` on a GPU
+    machine, else what was asked for."""
+    if _wants_cuda(device) and (device in ("auto", "cuda") or torch.device(device).index is None):
+        return torch.device("cuda", setup.local_rank)
+    return "cpu" if device == "auto" else device
+
+
+def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` in ``DistributedDataParallel`` (on its GPU on CUDA)."""
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def reduce_sum(value: Any) -> Any:
+    """The sum of ``value`` (a tensor or a number) over the ranks; ``value`` itself when not
+    distributed. A tensor is reduced on a copy; a number comes back a float (or an int)."""
+    if not is_distributed():
+        return value
+    if isinstance(value, torch.Tensor):
+        total = value.detach().clone()
+        dist.all_reduce(total)
+        return total
+    tensor = torch.tensor(value, dtype=torch.float64 if isinstance(value, float) else torch.int64)
+    tensor = tensor.to(_collective_device())
+    dist.all_reduce(tensor)
+    return tensor.item()  # sync-ok: once per phase (a metric's count)
+
+
+def any_rank(flag: bool) -> bool:
+    """True when ``flag`` is true on any rank (a collective: every rank must call it)."""
+    if not is_distributed():
+        return flag
+    tensor = torch.tensor(int(flag), device=_collective_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())  # sync-ok: once per epoch
+
+
+def broadcast_object(value: Any, src: int) -> Any:
+    """``value`` as rank ``src`` has it, on every rank."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def _collective_device() -> torch.device:
+    """Where the backend reduces: the current GPU for nccl, the CPU for gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class AgreeOnStop(Callback):
+    """Under DDP (a default callback there, weight ``inf``): once every ``on_epoch_end``
+    handler has run, a stop given on any rank (early stopping, a time limit, a callback)
+    stops every rank after the same epoch, with the reason of the lowest rank that stopped.
+    One collective per epoch."""
+
+    weight = float("inf")
+
+    def on_epoch_end(self, ctx: Context) -> None:
+        ctx.after_stage(self._agree)
+
+    def _agree(self, ctx: Context) -> None:
+        reasons: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(reasons, ctx.stop_reason)
+        given = next((reason for reason in reasons if reason is not None), None)
+        if given is not None:
+            ctx.stop_training(given)
+
+    def __repr__(self) -> str:
+        return "AgreeOnStop()"

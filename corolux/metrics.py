@@ -4,6 +4,12 @@
 A metric has ``name``, ``higher_is_better``, ``reset()``, ``update(pred, target)`` and
 ``compute() -> float``. torchmetrics objects work unchanged (their name is the class name
 in snake case).
+
+Under DDP a metric is exact (the whole data set's value on every rank) when it has the
+reduction hook ``reduce_states(reduce_sum)``: called once before ``compute()``, it replaces
+each accumulated state by ``reduce_sum(state)``, its sum over the ranks (a tensor or a
+number). The built-ins have it; torchmetrics objects reduce themselves; a metric without it
+is computed on each rank's share, with a warning.
 """
 
 from __future__ import annotations
@@ -74,6 +80,13 @@ class _SumMetric:
 
     def compute(self) -> float:
         return self._mean()
+
+    def reduce_states(self, reduce_sum: Callable[[Any], Any]) -> None:
+        """Replace the sums by their totals over the ranks (DDP; called before ``compute``)."""
+        self.total, self.count = (
+            reduce_sum(torch.as_tensor(self.total, dtype=torch.float32)),
+            reduce_sum(self.count),
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """The accumulated sums (for checkpoints taken inside an epoch)."""
@@ -167,6 +180,11 @@ class _BinnedAUROC:
     def reset(self) -> None:
         self.positives: torch.Tensor | None = None
         self.negatives: torch.Tensor | None = None
+
+    def reduce_states(self, reduce_sum: Callable[[Any], Any]) -> None:
+        """Sum the histograms over the ranks (DDP; called before ``compute``)."""
+        if self.positives is not None and self.negatives is not None:
+            self.positives, self.negatives = reduce_sum(self.positives), reduce_sum(self.negatives)
 
     def state_dict(self) -> dict[str, Any]:
         """The score histograms (for checkpoints taken inside an epoch)."""
@@ -394,6 +412,12 @@ class LossTracker:
             for loss in self._losses:
                 _check_loss(loss)
         return self._total + stacked.float().sum() * self._size, self._count + self._size * len(self._losses)
+
+    def reduce_states(self, reduce_sum: Callable[[Any], Any]) -> None:
+        """Replace the sum and the count by their totals over the ranks (DDP)."""
+        self._fold()
+        self._total = reduce_sum(torch.as_tensor(self._total, dtype=torch.float32))
+        self._count = reduce_sum(self._count)
 
     def state_dict(self) -> dict[str, Any]:
         """The losses kept and the folded sum (for checkpoints taken inside an epoch)."""

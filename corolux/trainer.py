@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from corolux import checkpoint, loop
+from corolux import checkpoint, distributed, loop
 from corolux._suggest import did_you_mean
 from corolux.arguments import (
     OptimizerSpec,
@@ -33,7 +33,6 @@ from corolux.callbacks import MetricsTracker, ProgressBar
 from corolux.context import Context
 from corolux.control import graceful_sigint, warn_if_interrupted
 from corolux.data import default_unpack, resolve_data, split_validation
-from corolux.distributed import is_main_process
 from corolux.driver import Driver, MakeLoop
 from corolux.events import STEP_STAGES, Event, Stage
 from corolux.history import History, plain_value
@@ -64,6 +63,12 @@ class Trainer:
             dict with ``"input"``/``"target"``.
         train_step, valid_step, predict_step: generator functions ``step(ctx)`` replacing
             the default steps (or override the methods of the same name).
+        strategy: None, or ``"ddp"``; under ``torchrun`` (``WORLD_SIZE`` > 1) DDP is used
+            either way: the process group is joined here, the model wrapped in
+            ``DistributedDataParallel`` for ``fit`` (``ctx.model`` is the wrapper there,
+            ``trainer.model`` stays yours), the data sharded, the metrics reduced.
+        ddp_timeout: seconds a process waits for the others in a collective before failing
+            (a rank that failed or was killed ends the others' run within it).
 
     Example:
         >>> import torch, corolux
@@ -109,6 +114,8 @@ class Trainer:
         valid_step: Step | None = None,
         predict_step: Step | None = None,
         hparams: Mapping[str, Any] | None = None,
+        strategy: str | None = None,
+        ddp_timeout: float = 1800.0,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -118,8 +125,17 @@ class Trainer:
             raise TypeError(f"seed must be an int or None, got {seed!r}")
         if progress not in (None, True, False):
             raise TypeError(f"progress must be True, False or None (auto), got {progress!r}")
+        if not isinstance(ddp_timeout, (int, float)) or isinstance(ddp_timeout, bool) or ddp_timeout <= 0:
+            raise ValueError(f"ddp_timeout must be a number of seconds > 0, got {ddp_timeout!r}")
+        #: The process group this trainer trains in (None for a single process).
+        self.distributed = distributed.join(strategy, device, float(ddp_timeout))
+        if self.distributed is not None:
+            device = distributed.device_for(self.distributed, device)
         self.device = resolve_device(device)
         self.model = model.to(self.device)
+        # DistributedDataParallel over the model (its construction gives every rank rank 0's
+        # weights); fit's steps call it, so that the gradients are averaged over the ranks.
+        self._ddp_model = None if self.distributed is None else distributed.wrap(self.model, self.device)
         self.loss_fn = check_loss_fn(loss_fn)
         if isinstance(loss_fn, torch.nn.Module):  # a loss with parameters or buffers (e.g. class weights)
             loss_fn.to(self.device)
@@ -346,6 +362,9 @@ class Trainer:
             checkpoint.check_weights(ctx, resume)  # a checkpoint of another model: refused before any event
         ctx.resume_from = resume
         ctx.min_epochs, ctx.max_epochs, ctx.max_steps = min_epochs, max_epochs, max_steps
+        if self._ddp_model is not None:
+            ctx.model = self._ddp_model
+        shard = self._shard()
         ctx.train_data = resolve_data(
             train_data,
             name="train_data",
@@ -353,6 +372,7 @@ class Trainer:
             shuffle=True,
             device=self.device,
             epochs=max_epochs,
+            shard=shard,
         )
         if valid_data is not None:
             ctx.valid_data = resolve_data(
@@ -362,13 +382,21 @@ class Trainer:
                 shuffle=False,
                 device=self.device,
                 epochs=max_epochs,
+                shard=shard,
             )
         defaults = [MetricsTracker(self.train_metrics, self.valid_metrics), ProgressBar()]
+        if self.distributed is not None:
+            defaults.append(distributed.AgreeOnStop())
         driver = Driver(ctx, self._callbacks(defaults, callbacks), self.all_stages)
         self.history = ctx.history
         train, valid = self._steps["train"][0], self._steps["valid"][0]
         allowed = {"train": self._allowed("train"), "valid": self._allowed("valid")}
         return driver, lambda pass_over: loop.fit_loop(ctx, train, valid, allowed, pass_over)
+
+    def _shard(self) -> tuple[int, int] | None:
+        """This process's share of the data under DDP: (rank, world size)."""
+        setup = self.distributed
+        return None if setup is None else (setup.rank, setup.world_size)
 
     def _resume_source(self, resume_from: Any) -> Mapping[str, Any] | None:
         """What ``fit(resume_from=...)`` continues from, read and checked now (so a bad file
@@ -473,7 +501,7 @@ class Trainer:
             precision=self.precision,
             kind=kind,
             hparams=self.hparams,
-            is_main_process=is_main_process(),
+            is_main_process=distributed.is_main_process(),
             stages=self.all_stages,
             unpack=self.unpack,
         )
@@ -488,7 +516,7 @@ class Trainer:
         self._check_idle()
         ctx = self._context("evaluate")
         ctx.valid_data = resolve_data(
-            data, name="data", batch_size=batch_size, shuffle=False, device=self.device
+            data, name="data", batch_size=batch_size, shuffle=False, device=self.device, shard=self._shard()
         )
         valid_metrics = self.valid_metrics if metrics is None else check_metrics(metrics, "metrics")
         defaults = [MetricsTracker((), valid_metrics), ProgressBar()]

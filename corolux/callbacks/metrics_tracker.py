@@ -12,6 +12,7 @@ import torch
 from corolux.callback import Callback
 from corolux.context import Context
 from corolux.data import batch_size_of, to_device
+from corolux.distributed import is_distributed, reduce_sum
 from corolux.metrics import LossTracker, load_metric_state, metric_name, metric_state
 
 __all__ = ["MetricsTracker"]
@@ -38,6 +39,7 @@ class MetricsTracker(Callback):
         self._losses: dict[str, LossTracker] = {"loss": self._loss}
         self._phase_metrics: list[Any] = []
         self._resumed: dict[str, Any] | None = None  # a checkpoint's training accumulators
+        self._warned: set[int] = set()  # metrics already warned about (DDP, no reduction hook)
 
     # -- phases -------------------------------------------------------------------------------
 
@@ -118,6 +120,8 @@ class MetricsTracker(Callback):
                 raise
 
     def _end(self, ctx: Context, phase: str) -> None:
+        if is_distributed():
+            self._reduce(ctx)
         for name, tracker in self._losses.items():
             if tracker.count or name != "loss" or not ctx.losses:  # no empty "loss" beside per-optimizer ones
                 ctx.metrics[f"{phase}_{name}"] = tracker.compute()
@@ -130,6 +134,27 @@ class MetricsTracker(Callback):
             if isinstance(value, torch.Tensor):
                 value = value.item()  # sync-ok: once per phase
             ctx.metrics[f"{phase}_{metric_name(metric)}"] = value
+
+    def _reduce(self, ctx: Context) -> None:
+        """DDP: every state becomes its sum over the ranks, so every rank computes the whole
+        data set's values (a collective: each rank reaches it at the same phase's end)."""
+        for tracker in self._losses.values():
+            tracker.reduce_states(reduce_sum)
+        for metric in self._phase_metrics:
+            hook = getattr(metric, "reduce_states", None)
+            if callable(hook):
+                hook(reduce_sum)
+            elif (
+                not hasattr(metric, "metric_state") and id(metric) not in self._warned
+            ):  # torchmetrics syncs itself
+                self._warned.add(id(metric))
+                warnings.warn(
+                    f"the metric {metric_name(metric)!r} has no reduce_states(reduce_sum) hook: under DDP "
+                    "it is computed on each process's share of the data, so ranks may disagree; add the "
+                    "hook (it replaces each accumulated state by reduce_sum(state)) to make it exact",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
 
     def on_train_begin(self, ctx: Context) -> None:
         self._begin(ctx, self.train_metrics)

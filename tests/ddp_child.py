@@ -1,0 +1,68 @@
+"""A DDP training script for tests/test_ddp.py: run under torchrun (or alone, for the
+single-process reference). Writes the final weights and history to <out>-<rank>.pt.
+
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_child.py OUT MODE
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+import corolux
+
+torch.set_num_threads(1)
+out, mode = sys.argv[1], sys.argv[2]
+rank = int(os.environ.get("RANK", "0"))
+
+g = torch.Generator().manual_seed(0)
+x, y = torch.randn(256, 8, generator=g), torch.randint(0, 3, (256,), generator=g)
+xv, yv = torch.randn(101, 8, generator=g), torch.randint(0, 3, (101,), generator=g)
+
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+trainer = corolux.Trainer(
+    model,
+    loss_fn=torch.nn.functional.cross_entropy,
+    optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+    metrics=[corolux.metrics.Accuracy()],
+    device="cpu",
+    progress=False,
+    ddp_timeout=20,
+)
+
+
+class StopOnRankOne(corolux.Callback):
+    def on_epoch_end(self, ctx):
+        if rank == 1 and ctx.epoch == 2:
+            ctx.stop_training("early_stopping")
+
+
+class FailOnRankOne(corolux.Callback):
+    def on_train_batch_end(self, ctx):
+        if rank == 1 and (ctx.epoch, ctx.iter) == (2, 3):
+            raise RuntimeError("rank 1 failed on purpose")
+
+
+callbacks = {"train": [], "stop": [StopOnRankOne()], "fail": [FailOnRankOne()]}
+if mode == "single":  # the reference: one process, the global batch, the same order of samples
+    sampler = DistributedSampler(TensorDataset(x, y), num_replicas=1, rank=0, shuffle=True, seed=0)
+    data, kwargs = DataLoader(TensorDataset(x, y), batch_size=32, sampler=sampler), {}
+    mode = "train"
+else:
+    data, kwargs = (x, y), {"batch_size": 16}  # 16 per process: a global batch of 32
+history = trainer.fit(data, epochs=3, valid_data=(xv, yv), callbacks=callbacks[mode], **kwargs)
+torch.save(
+    {
+        "model": trainer.model.state_dict(),
+        "history": history.to_dict(),
+        "stop_reason": history.stop_reason,
+        "world": 1 if trainer.distributed is None else trainer.distributed.world_size,
+        "ctx_model_is_ddp": isinstance(trainer._ddp_model, torch.nn.parallel.DistributedDataParallel),
+    },
+    f"{out}-{rank}.pt",
+)
+print(f"rank {rank} done", flush=True)

@@ -1,0 +1,68 @@
+"""DDP through a real torchrun launch (2 processes, gloo on the CPU), against one process
+training on the global batch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CHILD = ROOT / "tests" / "ddp_child.py"
+
+
+def torchrun(out: Path, mode: str, nproc: int = 2, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return subprocess.run(
+        [*command, str(CHILD), str(out), mode], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("single") / "run"
+    proc = subprocess.run(
+        [sys.executable, str(CHILD), str(out), "single"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(f"{out}-0.pt", weights_only=True)
+
+
+def test_two_processes_train_as_one_on_the_global_batch(tmp_path, single):
+    proc = torchrun(tmp_path / "run", "train")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"run-{r}.pt", weights_only=True) for r in (0, 1)]
+    assert all(r["world"] == 2 and r["ctx_model_is_ddp"] for r in ranks)
+    for key, value in ranks[0]["model"].items():
+        assert not key.startswith("module.")
+        assert torch.equal(value, ranks[1]["model"][key])  # the ranks agree exactly
+        assert torch.allclose(value, single["model"][key], atol=1e-5), key
+    assert ranks[0]["history"] == ranks[1]["history"]
+    for name, values in single["history"].items():
+        assert ranks[0]["history"][name] == pytest.approx(values, abs=1e-4), name
+    # 101 validation samples on 2 ranks (51 + 50): each counted once, so the metrics are exact
+
+
+def test_a_stop_on_one_rank_stops_every_rank_after_the_same_epoch(tmp_path):
+    proc = torchrun(tmp_path / "run", "stop")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"run-{r}.pt", weights_only=True) for r in (0, 1)]
+    assert [len(r["history"]["epoch"]) for r in ranks] == [2, 2]
+    assert [r["stop_reason"] for r in ranks] == ["early_stopping", "early_stopping"]
+
+
+def test_an_error_on_one_rank_ends_the_job_with_it_shown_and_no_hang(tmp_path):
+    start = time.monotonic()
+    proc = torchrun(tmp_path / "run", "fail", timeout=90)
+    assert proc.returncode != 0
+    assert "rank 1 failed on purpose" in proc.stdout + proc.stderr
+    assert time.monotonic() - start < 60
+    assert not (tmp_path / "run-0.pt").exists()
