@@ -242,6 +242,7 @@ def capture(ctx: Context, *, weights: bool = True) -> dict[str, Any]:
             "epoch": ctx.epoch,
             "completed_epochs": ctx.completed_epochs,
             "step": ctx.step,
+            "stop_reason": ctx.stop_reason,  # given by the time of the save (None: training goes on)
         },
         "history": ctx.history.state_dict(),
         "callbacks": {key: cb.state_dict() for key, cb in _stateful(ctx.callbacks).items()},

@@ -84,13 +84,15 @@ class _Sweep(Callback):
 
     def __init__(self, lrs: list[float]) -> None:
         self.lrs = lrs
+        self.used: list[float] = []  # the rate of each batch (one per window under accumulation)
         self.losses: list[torch.Tensor] = []
 
     def on_train_batch_begin(self, ctx: Context) -> None:
-        lr = self.lrs[min(ctx.step, len(self.lrs) - 1)]
+        lr = self.lrs[min(ctx.step, len(self.lrs) - 1)]  # ctx.step: the optimizer steps taken
         for opt in ctx.optimizers.values():
             for group in opt.param_groups:
                 group["lr"] = lr
+        self.used.append(lr)
 
     def on_train_batch_after_loss(self, ctx: Context) -> None:
         self.losses.append(ctx.loss.detach())
@@ -125,9 +127,10 @@ def lr_finder(
         )
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 2:
         raise ValueError(f"lr_finder: steps must be an integer >= 2, got {steps!r}")
-    if not trainer.optimizers:
+    if len(trainer.optimizers) != 1:
         raise ValueError(
-            "lr_finder: the trainer has no optimizer (optimizer=None): there is no rate to sweep"
+            f"lr_finder sweeps the rate of one optimizer; this trainer has {len(trainer.optimizers)} "
+            f"({list(trainer.optimizers)}): build a trainer with the one to tune"
         )
     ratio = end_lr / start_lr
     lrs = [start_lr * ratio ** (i / (steps - 1)) for i in range(steps)]
@@ -136,7 +139,7 @@ def lr_finder(
         trainer.progress = False
         trainer.fit(data, epochs=steps, max_steps=steps, batch_size=batch_size, callbacks=[sweep])
         losses = [float(loss) for loss in sweep.losses]  # sync-ok: once, after the sweep
-    return LRFinder(lrs[: len(losses)], losses, smoothing)
+    return LRFinder(sweep.used[: len(losses)], losses, smoothing)
 
 
 def _smooth(values: Sequence[float], smoothing: float) -> list[float]:

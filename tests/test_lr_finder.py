@@ -84,6 +84,13 @@ def test_bad_arguments_are_refused():
         corolux.lr_finder(trainer, data, start_lr=1.0, end_lr=0.1)
     with pytest.raises(ValueError, match="steps must be an integer >= 2"):
         corolux.lr_finder(trainer, data, steps=1)
+    two = corolux.Trainer(
+        torch.nn.ModuleDict({"a": torch.nn.Linear(64, 10), "b": torch.nn.Linear(64, 10)}),
+        loss_fn=torch.nn.functional.cross_entropy,
+        optimizer={"a": lambda p: torch.optim.SGD(p, lr=0.1), "b": lambda p: torch.optim.SGD(p, lr=0.1)},
+    )
+    with pytest.raises(ValueError, match=r"one optimizer; this trainer has 2 \(\['a', 'b'\]\)"):
+        corolux.lr_finder(two, data)
     assert corolux.lr_finder.__module__ == "corolux.lr_finder"
     assert math.isfinite(corolux.lr_finder(trainer, data, steps=5).losses[0])
 

@@ -278,7 +278,7 @@ def test_killed_in_epoch_3_resumes_at_epoch_3_bit_identical(
 
     state = corolux.checkpoint.read(ckpt)
     assert state["position"] is None  # saved between epochs
-    assert state["counters"] == {"epoch": 2, "completed_epochs": 2, "step": 2 * BATCHES}
+    assert state["counters"] == {"epoch": 2, "completed_epochs": 2, "step": 2 * BATCHES, "stop_reason": None}
     assert state["history"]["completed_epochs"] == 2 and len(state["history"]["records"]) == 2
 
     second = spawn(command)

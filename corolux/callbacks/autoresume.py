@@ -56,6 +56,7 @@ class AutoResume(Callback):
         self.path = Path(path)
         self.every_n_steps = every_n_steps
         self._saved_step = -1
+        self._done = False
         if every_n_steps is not None:  # only then does it listen to every batch
             self.on_train_batch_end = self._batch_end
 
@@ -64,6 +65,7 @@ class AutoResume(Callback):
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._saved_step = -1
+        self._done = False
         if self.path.exists():
             if ctx.resume_from is not None:
                 raise ValueError(
@@ -79,6 +81,13 @@ class AutoResume(Callback):
                     "another path"
                 ) from None
             ctx.resume_from = state
+            # Saved after early stopping ended training, killed before its file was deleted:
+            # training is done, so the run ends at once (and the file goes).
+            self._done = state["counters"].get("stop_reason") == "early_stopping"
+
+    def on_fit_begin(self, ctx: Context) -> None:
+        if self._done:
+            ctx.stop_training("early_stopping")
 
     def on_epoch_end(self, ctx: Context) -> None:
         if ctx.completed_epochs == ctx.epoch:  # a completed epoch (one cut short is not saved)

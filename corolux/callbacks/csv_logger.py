@@ -74,6 +74,7 @@ class CSVLogger(Callback):
                 f"{path!r}; e.g. CSVLogger('logs/metrics.csv')"
             )
         self.path = Path(path)
+        self._torn = False  # the file read on resume ended in a torn line
         if self.path.is_dir():
             raise ValueError(
                 f"CSVLogger: path {str(self.path)!r} is a folder; give a file name inside it, e.g. "
@@ -107,7 +108,7 @@ class CSVLogger(Callback):
             columns, rows = self._read()
             kept = [row for row in rows if _epoch_of(row) <= done]
             self.columns = columns
-            if len(kept) != len(rows):  # rows of epochs the checkpoint does not have
+            if len(kept) != len(rows) or self._torn:  # rows the checkpoint does not have
                 self._rewrite(kept)
         else:  # the file is gone: the completed epochs' rows again, from the history
             rows = [
@@ -205,7 +206,14 @@ class CSVLogger(Callback):
                     f"{columns[:4]!r}..., not 'epoch,phase,...'), so resuming cannot append to it; "
                     "move it away or give another path"
                 )
-            return columns, list(reader)
+            rows = list(reader)
+        with open(self.path, "rb") as raw:  # a last line without its newline: a kill while writing
+            raw.seek(-1, os.SEEK_END)
+            torn = raw.read(1) != b"\n"
+        if torn and rows:
+            rows.pop()  # dropped: the file is rewritten without it
+        self._torn = torn
+        return columns, rows
 
     def _rewrite(self, rows: list[dict[str, Any]]) -> None:
         """Write the header and ``rows`` to ``path`` atomically: a crash leaves the old file."""
@@ -230,9 +238,10 @@ class CSVLogger(Callback):
 
 def _epoch_of(row: Mapping[str, str]) -> float:
     try:
-        return int(row["epoch"])
+        epoch = int(row["epoch"])
     except (TypeError, ValueError):
-        return math.inf  # a torn last line (a kill while writing): dropped
+        return math.inf  # a torn line (a kill while writing): dropped
+    return epoch if row.get("phase") in _PHASES else math.inf
 
 
 def _cell(value: Any) -> Any:

@@ -78,6 +78,11 @@ class EarlyStopping(Callback):
         #: The epoch at which it stopped training, or None.
         self.stopped_epoch: int | None = None
 
+    @property
+    def state_key(self) -> str:
+        """Its saved state is matched by what it watches, not by its place in the list."""
+        return f"EarlyStopping[{self.monitor.name}|{self.monitor.mode}]"
+
     def setup(self, ctx: Context) -> None:
         self.best, self.wait, self.stopped_epoch = self.baseline, 0, None  # a checkpoint may restore them
 

@@ -56,6 +56,8 @@ class KeepBestModel(Callback):
 
     def __init__(self, monitor: str = "valid_loss", mode: str = "auto", min_delta: float = 0) -> None:
         self.monitor = Monitor(monitor, mode=mode, min_delta=min_delta, owner="KeepBestModel")
+        #: Its saved state is matched by what it watches, not by its place in the list.
+        self.state_key = f"KeepBestModel[{monitor}|{mode}]"
         #: The best value seen, or None.
         self.best: float | None = None
         #: The epoch of the best value, or None.

@@ -115,6 +115,8 @@ class LRScheduler(Callback):
                 f"LRScheduler: monitor must be a history name such as 'valid_loss', got {monitor!r}"
             )
         self.monitor = monitor
+        #: Its saved state is matched by the optimizer and the stage it steps at.
+        self.state_key = f"LRScheduler[{opt_name or ''}|{self.call_on}]"
         #: The scheduler of the current (or last) run; None before the first ``setup``.
         self.scheduler: Any = None
         #: The optimizer it schedules.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import string
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,7 @@ class ModelCheckpoint(Callback):
             text = os.path.join(text, FOLDER_TEMPLATE)
         self.template = text
         self._fields = _fields(text)
+        self._pattern = _pattern(text)
         self.monitor = Monitor(monitor, mode=mode, min_delta=min_delta, owner="ModelCheckpoint")
         self.save_best_only = save_best_only
         self.keep_last = keep_last
@@ -108,6 +110,14 @@ class ModelCheckpoint(Callback):
         self.best_path: str | None = None
         #: The files written and not deleted, oldest first.
         self.files: list[str] = []
+
+    @property
+    def state_key(self) -> str:
+        """What its saved state is matched by: two ModelCheckpoints of other monitors never
+        take each other's state, in whatever order they are given (the path may change on a
+        resume; files of another path are never deleted)."""
+        best = "best" if self.save_best_only else "all"
+        return f"ModelCheckpoint[{self.monitor.name}|{best}]"
 
     @property
     def last_path(self) -> str | None:
@@ -169,7 +179,7 @@ class ModelCheckpoint(Callback):
                 )
         try:
             return Path(self.template.format_map(values))
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, KeyError, IndexError) as exc:
             raise ValueError(
                 f"ModelCheckpoint: cannot format the path template {self.template!r} at epoch "
                 f"{ctx.epoch}: {exc} (values: {', '.join(f'{k}={values[k]!r}' for k in self._fields)})"
@@ -182,8 +192,11 @@ class ModelCheckpoint(Callback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
         self.best = state["best"]
-        self.best_path = state.get("best_path")
-        self.files = [str(f) for f in state["files"]]
+        # Only files of this callback's own path are kept (and so ever deleted by keep_last):
+        # never one a run with another path wrote, such as the checkpoint resumed from.
+        self.files = [str(f) for f in state["files"] if self._pattern.fullmatch(str(f))]
+        best_path = state.get("best_path")
+        self.best_path = best_path if best_path in self.files else None
 
     def __repr__(self) -> str:
         best_only = ", save_best_only=True" if self.save_best_only else ""
@@ -219,3 +232,13 @@ def _fields(template: str) -> tuple[str, ...]:
             )
         names[root] = None
     return tuple(names)
+
+
+def _pattern(template: str) -> re.Pattern[str]:
+    """A regex that the paths formatted from ``template`` match (each field: anything)."""
+    parts = []
+    for literal, field, _, _ in string.Formatter().parse(template):
+        parts.append(re.escape(literal))
+        if field is not None:
+            parts.append(".*?")
+    return re.compile("".join(parts))

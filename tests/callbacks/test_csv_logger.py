@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from realdata import iris
+from realdata import digits, iris
 
 import corolux
 from corolux.callbacks import AutoResume
@@ -332,3 +332,30 @@ def test_a_logged_name_that_takes_a_metric_column_is_left_out_with_a_warning(tmp
     header, rows = read(path)
     assert header == ["epoch", "phase", "loss", "acc"]
     assert [float(r["loss"]) for r in rows if r["phase"] == "train"] == history["train_loss"]
+
+
+def test_a_torn_last_line_is_dropped_on_resume_not_glued_to_the_next_row(tmp_path):
+    x, y = digits()
+    path, resume = tmp_path / "log.csv", tmp_path / "resume.pt"
+
+    class Kill(corolux.Callback):
+        weight = float("inf")
+
+        def on_train_batch_end(self, ctx):
+            if (ctx.epoch, ctx.iter) == (3, 2):
+                raise SystemExit
+
+    def trainer():
+        torch.manual_seed(0)
+        return corolux.Trainer(
+            torch.nn.Linear(64, 10), loss_fn=torch.nn.functional.cross_entropy,
+            optimizer=lambda p: torch.optim.SGD(p, lr=0.1), device="cpu", progress=False,
+        )  # fmt: skip
+
+    with pytest.raises(SystemExit):
+        trainer().fit((x[:256], y[:256]), epochs=4, callbacks=[CSVLogger(path), AutoResume(resume), Kill()])
+    whole = path.read_text()
+    path.write_text(whole + "1")  # a kill cut the next row ("11,train,...") after its first character
+    trainer().fit((x[:256], y[:256]), epochs=4, callbacks=[CSVLogger(path), AutoResume(resume)])
+    rows = path.read_text().splitlines()
+    assert [r.split(",")[:2] for r in rows[1:]] == [[str(e), "train"] for e in (1, 2, 3, 4)]

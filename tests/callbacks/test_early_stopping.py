@@ -297,7 +297,7 @@ def test_a_resumed_run_stops_at_the_same_epoch(data, tmp_path):
     path = tmp_path / "auto.pt"
     with pytest.raises(SystemExit):
         fit(data, [AutoResume(path), EarlyStopping(patience=patience), KillAt(killed_after + 1)])
-    saved = checkpoint.read(path)["callbacks"]["EarlyStopping"]
+    saved = checkpoint.read(path)["callbacks"]["EarlyStopping[valid_loss|auto]"]
     assert saved["wait"] > 0 and saved["best"] == min(losses[:killed_after])
     torch.manual_seed(123)  # another process
     resumed = EarlyStopping(patience=patience)
@@ -348,3 +348,22 @@ def test_an_unknown_monitor_fails_at_the_first_epoch_end_with_the_names_recorded
 def test_mode_auto_on_a_custom_name_asks_for_a_mode(data):
     with pytest.raises(ValueError, match="cannot tell whether a higher 'score' is better.*mode='max'"):
         fit_small(data, [Script([1, 2]), EarlyStopping(monitor="score")], epochs=2)
+
+
+def test_a_run_killed_after_early_stopping_ended_it_ends_at_once_when_run_again(data, tmp_path):
+    from corolux.callbacks import AutoResume
+
+    path = tmp_path / "auto.pt"
+
+    class DieAtTheEnd(corolux.Callback):
+        def on_fit_end(self, ctx):
+            raise SystemExit  # killed before AutoResume deleted its file
+
+    stop = EarlyStopping(monitor="valid_loss", patience=1)
+    with pytest.raises(SystemExit):
+        fit(data, [stop, AutoResume(path), DieAtTheEnd()], epochs=60)
+    stopped = stop.stopped_epoch
+    assert stopped is not None and stopped < 60 and path.exists()
+    history = fit(data, [EarlyStopping(monitor="valid_loss", patience=1), AutoResume(path)], epochs=60)
+    assert len(history) == stopped and history.stop_reason == "early_stopping"
+    assert not path.exists()

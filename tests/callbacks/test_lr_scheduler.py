@@ -336,7 +336,7 @@ def test_the_checkpoint_holds_the_scheduler_state(tmp_path):
     t.fit(iris_batches(), epochs=3, callbacks=[sched])
     t.save_checkpoint(tmp_path / "c.pt")
     state = torch.load(tmp_path / "c.pt", weights_only=True)
-    assert state["callbacks"]["LRScheduler"]["scheduler"]["last_epoch"] == 3
+    assert state["callbacks"]["LRScheduler[|on_epoch_end]"]["scheduler"]["last_epoch"] == 3
     other = LRScheduler(lambda opt: lr_scheduler.StepLR(opt, step_size=1, gamma=0.5))
     t.fit(iris_batches(), epochs=4, callbacks=[other], resume_from=tmp_path / "c.pt")
     assert other.scheduler.last_epoch == 4 and lr_of(t) == 0.1 * 0.5**4

@@ -127,7 +127,7 @@ def test_the_file_is_written_after_every_epoch_end_handler(data, tmp_path):
     assert history.stop_reason == "early_stopping" and len(history) == 1
     state = checkpoint.read(tmp_path / "e1.pt")
     assert state["history"]["records"][0]["late"] == 1.0  # a handler of weight 1000 ran before the save
-    assert state["callbacks"]["EarlyStopping"]["stopped_epoch"] == 1  # and one of weight inf
+    assert state["callbacks"]["EarlyStopping[train_loss|auto]"]["stopped_epoch"] == 1  # and one of weight inf
 
 
 def test_a_file_resumes_the_run_exactly(data, tmp_path):
@@ -236,7 +236,10 @@ def test_keep_last_keeps_the_newest_files_and_never_a_foreign_one(data, tmp_path
     assert names(tmp_path) == ["epoch005.pt", "epoch006.pt", "notes.pt"]
     assert (tmp_path / "notes.pt").read_bytes() == b"not mine"
     assert ckpt.files == [str(tmp_path / "epoch005.pt"), str(tmp_path / "epoch006.pt")]
-    assert checkpoint.read(tmp_path / "epoch006.pt")["callbacks"]["ModelCheckpoint"]["files"] == ckpt.files
+    assert (
+        checkpoint.read(tmp_path / "epoch006.pt")["callbacks"]["ModelCheckpoint[valid_loss|all]"]["files"]
+        == ckpt.files
+    )
 
 
 def test_keep_last_deletes_only_once_the_new_file_is_written(data, tmp_path, monkeypatch):
@@ -311,8 +314,10 @@ def test_early_stopping_checkpoints_and_best_model_together(data, tmp_path):
     assert same(checkpoint.read(best.best_path)["model"], trainer.model.state_dict())
     last = checkpoint.read(every.last_path)
     assert same(last["model"], weights.per_epoch[n])  # the last file has the last weights
-    assert last["callbacks"]["EarlyStopping"]["stopped_epoch"] == n
-    assert same(last["callbacks"]["KeepBestModel"]["best_state"], weights.per_epoch[best_epoch])
+    assert last["callbacks"]["EarlyStopping[valid_loss|auto]"]["stopped_epoch"] == n
+    assert same(
+        last["callbacks"]["KeepBestModel[valid_loss|auto]"]["best_state"], weights.per_epoch[best_epoch]
+    )
 
 
 # -- bad input -------------------------------------------------------------------------------------------
@@ -364,3 +369,48 @@ def test_a_template_naming_an_unknown_name_fails_at_the_first_save_with_the_name
 def test_a_template_whose_format_does_not_fit_the_value_says_so(data, tmp_path):
     with pytest.raises(ValueError, match=r"cannot format the path template .* at epoch 1: .*epoch=1"):
         fit(data, [ModelCheckpoint(tmp_path / "e{epoch:.3s}.pt")])
+
+
+def test_keep_last_after_a_resume_never_deletes_the_files_of_another_path(data, tmp_path):
+    first, second = tmp_path / "run1", tmp_path / "run2"
+    fit(data, [ModelCheckpoint(f"{first}/", keep_last=2)], epochs=4)
+    kept = sorted(p.name for p in first.iterdir())
+    assert kept == ["epoch003.pt", "epoch004.pt"]
+    trainer = make_trainer()
+    trainer.fit(
+        data[0],
+        epochs=6,
+        valid_data=data[1],
+        callbacks=[ModelCheckpoint(f"{second}/", keep_last=2)],
+        resume_from=first / "epoch004.pt",
+    )
+    assert sorted(p.name for p in first.iterdir()) == kept  # the file resumed from is still there
+    assert sorted(p.name for p in second.iterdir()) == ["epoch005.pt", "epoch006.pt"]
+
+
+def test_two_checkpoints_keep_their_own_state_in_whatever_order_they_come_back(data, tmp_path):
+    path = tmp_path / "auto.pt"
+
+    class Kill(corolux.Callback):
+        weight = float("inf")
+
+        def on_train_batch_end(self, ctx):
+            if (ctx.epoch, ctx.iter) == (3, 1):
+                raise SystemExit
+
+    def pair():
+        return (
+            ModelCheckpoint(f"{tmp_path}/all/", keep_last=2),
+            ModelCheckpoint(f"{tmp_path}/best/", monitor="valid_acc", save_best_only=True),
+        )
+
+    every, best = pair()
+    with pytest.raises(SystemExit):
+        fit(data, [every, best, AutoResume(path), Kill()])
+    best_before = best.best
+    every, best = pair()
+    fit(data, [best, every, AutoResume(path)])  # given in the other order
+    assert best.best >= best_before and best.best <= 1.0  # an accuracy, not the other's loss
+    assert best.best_path is not None and best.best_path.startswith(f"{tmp_path}/best/")
+    assert os.path.exists(best.best_path)
+    assert all(f.startswith(f"{tmp_path}/all/") for f in every.files)
