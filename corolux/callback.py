@@ -36,7 +36,8 @@ class Callback:
     Optional protocol: ``setup(ctx)`` (before ``on_fit_begin``), ``teardown(ctx)`` (once,
     after the last event, in every outcome), ``state_dict()`` /
     ``load_state_dict(state)`` (saved in checkpoints; matched by a ``state_key`` attribute,
-    else the class name), ``wrap_handler(handler, owner, stage) -> handler`` (called once
+    else the class name; ``per_rank_state = True`` when it differs between DDP ranks, so that
+    each rank's is saved and restored), ``wrap_handler(handler, owner, stage) -> handler`` (called once
     per run for every class handler of the other callbacks: how ``Profile`` times them).
 
     Example:

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from corolux import distributed
 from corolux.context import Context
 from corolux.data import generators_of
 from corolux.events import BATCH_ENDS
@@ -47,6 +48,7 @@ __all__ = [
     "check_weights",
     "load",
     "load_weights",
+    "publish",
     "read",
     "restore",
     "resume",
@@ -234,6 +236,7 @@ def capture(ctx: Context, *, weights: bool = True) -> dict[str, Any]:
             RuntimeWarning,
             stacklevel=3,
         )
+    stateful = _stateful(ctx.callbacks)
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -245,7 +248,9 @@ def capture(ctx: Context, *, weights: bool = True) -> dict[str, Any]:
             "stop_reason": ctx.stop_reason,  # given by the time of the save (None: training goes on)
         },
         "history": ctx.history.state_dict(),
-        "callbacks": {key: cb.state_dict() for key, cb in _stateful(ctx.callbacks).items()},
+        "callbacks": {key: cb.state_dict() for key, cb in stateful.items()},
+        # callbacks whose state differs between DDP ranks (the metrics' sums): saved per rank
+        "per_rank": [key for key, cb in stateful.items() if getattr(cb, "per_rank_state", False)],
         "rng": rng_state(),
         "data_generators": _data_generators(ctx),
         "position": _position(ctx),
@@ -362,8 +367,9 @@ def restore(ctx: Context, state: Mapping[str, Any]) -> ResumePoint | None:
     saved = check_callbacks(ctx, state)
     if state.get("model") is not None:
         load_weights(ctx, state)
+    own = _rank_callbacks(state)
     for key, cb_state in saved.items():
-        callbacks[key].load_state_dict(cb_state)
+        callbacks[key].load_state_dict(own.get(key, cb_state))
     counters = state["counters"]
     ctx.completed_epochs = counters["completed_epochs"]
     ctx.step = counters["step"]
@@ -376,22 +382,51 @@ def restore(ctx: Context, state: Mapping[str, Any]) -> ResumePoint | None:
         for generator, saved_state in zip(generators_of(data), states, strict=False):
             if generator is not None and saved_state is not None:
                 generator.set_state(saved_state)
+    rng = _rank_rng(state)
     point = state["position"]
     if point is None:
         # An epoch cut short (Ctrl-C, a stop) is run again from its start: its record goes.
         ctx.history.records = [r for r in ctx.history.records if r["epoch"] <= ctx.completed_epochs]
-        set_rng_state(state["rng"])
+        set_rng_state(rng)
         return None
     ctx.history.records = [r for r in ctx.history.records if r["epoch"] < point["epoch"]]
-    set_rng_state(state["rng"])
+    set_rng_state(rng)
     return ResumePoint(
         epoch=point["epoch"],
         phase=point["phase"],
         batches_done=point["batches_done"],
         data_state=point["data_state"],
-        rng=state["rng"],
+        rng=dict(rng),
         metrics=dict(point["metrics"]),
     )
+
+
+def _rank_callbacks(state: Mapping[str, Any]) -> Mapping[str, Any]:
+    """This rank's states of the callbacks saved per rank, when a DDP run of this size saved
+    them ({} otherwise: every rank takes the states in ``"callbacks"``, rank 0's)."""
+    ranks = state.get("callbacks_ranks")
+    if ranks is None or not distributed.is_distributed():
+        return {}
+    rank, world = distributed.rank_and_world()
+    return ranks[rank] if len(ranks) == world else {}
+
+
+def _rank_rng(state: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The RNG states for this process: its rank's when a DDP run of the same size saved
+    them all, else those of the (rank 0) process that saved."""
+    ranks = state.get("rng_ranks")
+    if ranks is None or not distributed.is_distributed():
+        return state["rng"]
+    rank, world = distributed.rank_and_world()
+    if len(ranks) != world:
+        warnings.warn(
+            f"{_where(state)} holds the RNG states of {len(ranks)} processes, this run has {world}: "
+            "every rank starts from rank 0's (the run is not bit-identical to one of the saved size)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return ranks[0]
+    return ranks[rank]
 
 
 def resume(ctx: Context, source: PathLike | Mapping[str, Any]) -> ResumePoint | None:
@@ -455,8 +490,20 @@ def _first(problems: list[str], shown: int = 5) -> str:
 def save(ctx: Context, path: PathLike) -> Path:
     """Write the full training state of ``ctx``'s run to ``path``, atomically (see
     :func:`write`); return the path. Call it between batches (``on_train_batch_end`` or
-    later); a checkpoint taken inside an epoch resumes at the next batch."""
-    return write(capture(ctx), path)
+    later); a checkpoint taken inside an epoch resumes at the next batch. Under DDP call it
+    on every rank (:func:`publish`)."""
+    return publish(capture(ctx), path, main=ctx.is_main_process)
+
+
+def publish(state: dict[str, Any], path: PathLike, *, main: bool = True) -> Path:
+    """:func:`write` ``state`` on the main process (``main``); under DDP a collective first:
+    every rank's RNG states, and the states of callbacks kept per rank, are gathered into it
+    (``"rng_ranks"``, ``"callbacks_ranks"``), so that a resume gives each rank its own."""
+    if distributed.is_distributed():
+        state["rng_ranks"] = distributed.gather_objects(state["rng"])
+        local = {key: state["callbacks"][key] for key in state.get("per_rank", ())}
+        state["callbacks_ranks"] = distributed.gather_objects(local)
+    return write(state, path) if main else Path(path)
 
 
 def write(state: Mapping[str, Any], path: PathLike) -> Path:

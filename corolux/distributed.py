@@ -152,6 +152,22 @@ def any_rank(flag: bool) -> bool:
     return bool(tensor.item())  # sync-ok: once per epoch
 
 
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's ``value``, in rank order, on every rank (a collective)."""
+    if not is_distributed():
+        return [value]
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes ((0, 1) when not distributed)."""
+    if not is_distributed():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
 def broadcast_object(value: Any, src: int) -> Any:
     """``value`` as rank ``src`` has it, on every rank."""
     if not is_distributed():

@@ -27,6 +27,7 @@ from collections.abc import Callable, Collection, Container, Generator, Iterable
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from corolux.checkpoint import ResumePoint, resume, set_rng_state
 from corolux.context import Context, loss_problem
@@ -272,6 +273,9 @@ def _phase(
     move = device.type != "cpu"  # on the CPU a batch is used as it comes
     signals = ctx.signals
     settle = ctx.precision.scaler is not None  # each batch's GradScaler update (ctx.end_batch)
+    # DDP: the gradients of a batch that only accumulates are not all-reduced (no_sync's flag;
+    # the model reads it in its forward); the batch that steps reduces the window's sum.
+    ddp = ctx.model if training and isinstance(ctx.model, DistributedDataParallel) else None
     yield_begin = batch_begin not in pass_over
     yield_end = batch_end not in pass_over
     exhausted = between = False
@@ -312,6 +316,8 @@ def _phase(
                     x, y = unpack(batch)
                 between = False
                 ctx.begin_batch(batch, x, y)
+                if ddp is not None:
+                    ddp.require_backward_grad_sync = not ctx.accumulating
                 stages = None
                 try:
                     ctx.stage = batch_begin
@@ -374,6 +380,9 @@ def _phase(
                 ctx.end_batches()
             _settle(ctx)
             raise
+        finally:
+            if ddp is not None:
+                ddp.require_backward_grad_sync = True
         yield from _end_phase(ctx, end, outputs, last)
 
 

@@ -449,7 +449,7 @@ class Trainer:
         ctx = self._bare_context()
         state = checkpoint.capture(ctx) if self._last_state is None else dict(self._last_state)
         state.update(checkpoint.weights_state(ctx))
-        return checkpoint.write(state, path)
+        return checkpoint.publish(state, path, main=distributed.is_main_process())
 
     def load_checkpoint(self, path: str | os.PathLike[str]) -> None:
         """Restore the model, the optimizers and the GradScaler from a checkpoint at ``path``,

@@ -10,6 +10,7 @@ import os
 import sys
 
 import torch
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import corolux
@@ -47,11 +48,42 @@ class FailOnRankOne(corolux.Callback):
             raise RuntimeError("rank 1 failed on purpose")
 
 
-callbacks = {"train": [], "stop": [StopOnRankOne()], "fail": [FailOnRankOne()]}
-if mode == "single":  # the reference: one process, the global batch, the same order of samples
+class CountAllReduces(corolux.Callback):
+    """Counts the gradient all-reduces of the DDP model (a communication hook)."""
+
+    def __init__(self):
+        self.count = 0
+
+    def setup(self, ctx):
+        def hook(state, bucket):
+            self.count += 1
+            return allreduce_hook(None, bucket)
+
+        ctx.model.register_comm_hook(None, hook)
+
+
+class KillOnce(corolux.Callback):
+    weight = float("inf")
+
+    def on_train_batch_end(self, ctx):
+        if (ctx.epoch, ctx.iter) == (2, 5) and not os.path.exists(f"{out}.killed"):
+            open(f"{out}.killed", "w").close()
+            os._exit(3)  # a kill: no cleanup
+
+
+counter = CountAllReduces()
+callbacks = {
+    "train": [],
+    "stop": [StopOnRankOne()],
+    "fail": [FailOnRankOne()],
+    "accumulate": [corolux.callbacks.GradientAccumulation(2), counter],
+    "resume": [corolux.callbacks.AutoResume(f"{out}.resume.pt", every_n_steps=3), KillOnce()],
+}
+if mode.startswith("single"):  # the reference: one process, the global batch, the same order of samples
     sampler = DistributedSampler(TensorDataset(x, y), num_replicas=1, rank=0, shuffle=True, seed=0)
     data, kwargs = DataLoader(TensorDataset(x, y), batch_size=32, sampler=sampler), {}
-    mode = "train"
+    mode = mode.removeprefix("single-") if "-" in mode else "train"
+    callbacks["accumulate"] = callbacks["accumulate"][:1]
 else:
     data, kwargs = (x, y), {"batch_size": 16}  # 16 per process: a global batch of 32
 history = trainer.fit(data, epochs=3, valid_data=(xv, yv), callbacks=callbacks[mode], **kwargs)
@@ -62,6 +94,8 @@ torch.save(
         "stop_reason": history.stop_reason,
         "world": 1 if trainer.distributed is None else trainer.distributed.world_size,
         "ctx_model_is_ddp": isinstance(trainer._ddp_model, torch.nn.parallel.DistributedDataParallel),
+        "all_reduces": counter.count,
+        "rng": torch.get_rng_state(),
     },
     f"{out}-{rank}.pt",
 )

@@ -66,3 +66,40 @@ def test_an_error_on_one_rank_ends_the_job_with_it_shown_and_no_hang(tmp_path):
     assert "rank 1 failed on purpose" in proc.stdout + proc.stderr
     assert time.monotonic() - start < 60
     assert not (tmp_path / "run-0.pt").exists()
+
+
+def test_accumulation_reduces_only_at_optimizer_steps_and_trains_as_one_process(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(CHILD), str(tmp_path / "one"), "single-accumulate"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = torch.load(tmp_path / "one-0.pt", weights_only=True)
+    proc = torchrun(tmp_path / "run", "accumulate")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"run-{r}.pt", weights_only=True) for r in (0, 1)]
+    # 256 samples, 16 per rank and batch: 8 batches an epoch, a step every 2: 4 all-reduces
+    # an epoch (one bucket), not 8 (no_sync for the batches that only accumulate)
+    assert [r["all_reduces"] for r in ranks] == [12, 12]
+    for key, value in ranks[0]["model"].items():
+        assert torch.equal(value, ranks[1]["model"][key])
+        assert torch.allclose(value, single["model"][key], atol=1e-5), key
+
+
+def test_a_killed_ddp_run_resumes_under_ddp_bit_identically(tmp_path):
+    reference = torchrun(tmp_path / "ref", "train")
+    assert reference.returncode == 0, reference.stderr[-4000:]
+    first = torchrun(tmp_path / "run", "resume")
+    assert first.returncode != 0 and (tmp_path / "run.killed").exists()
+    assert (tmp_path / "run.resume.pt").exists()
+    saved = torch.load(tmp_path / "run.resume.pt", weights_only=True)
+    assert len(saved["rng_ranks"]) == 2  # every rank's RNG states
+    again = torchrun(tmp_path / "run", "resume")
+    assert again.returncode == 0, again.stderr[-4000:]
+    for r in (0, 1):
+        ref = torch.load(tmp_path / f"ref-{r}.pt", weights_only=True)
+        got = torch.load(tmp_path / f"run-{r}.pt", weights_only=True)
+        assert all(torch.equal(v, got["model"][k]) for k, v in ref["model"].items())
+        assert got["history"] == ref["history"]
+        assert torch.equal(got["rng"], ref["rng"])
+    assert not (tmp_path / "run.resume.pt").exists()

@@ -102,8 +102,7 @@ class AutoResume(Callback):
 
     def _save(self, ctx: Context) -> None:
         self._saved_step = ctx.step
-        if ctx.is_main_process:
-            checkpoint.save(ctx, self.path)
+        checkpoint.save(ctx, self.path)  # under DDP on every rank: each one's RNG goes in; rank 0 writes
 
     def on_fit_end(self, ctx: Context) -> None:
         if ctx.history.stop_reason in _DONE and ctx.is_main_process:

@@ -28,6 +28,9 @@ class MetricsTracker(Callback):
     Values are per-sample means (batch values weighted by the batch size).
     """
 
+    #: Under DDP each rank's accumulators hold its share: checkpoints keep them per rank.
+    per_rank_state = True
+
     def __init__(
         self,
         train_metrics: Sequence[Any] = (),

@@ -50,7 +50,8 @@ class ModelCheckpoint(Callback):
     - ``keep_last=N``: once a new file is safely written, the files this callback wrote
       beyond the N newest are deleted (never a file it did not write, never before the new
       one is written).
-    - Only the main process writes (``ctx.is_main_process``).
+    - Under DDP it runs on every rank (each one's RNG state goes into the file) and only the
+      main process writes and deletes files (``ctx.is_main_process``).
     - Its state (best value, files written) goes into checkpoints, so a resumed run goes on
       counting and deleting as an uninterrupted one.
 
@@ -128,7 +129,7 @@ class ModelCheckpoint(Callback):
         self.best, self.best_path, self.files = None, None, []  # a checkpoint may restore them
 
     def on_epoch_end(self, ctx: Context) -> None:
-        if ctx.completed_epochs == ctx.epoch and ctx.is_main_process:  # an epoch cut short is not saved
+        if ctx.completed_epochs == ctx.epoch:  # an epoch cut short is not saved
             ctx.after_stage(self._save)
 
     def _save(self, ctx: Context) -> None:
@@ -137,7 +138,8 @@ class ModelCheckpoint(Callback):
         if self.save_best_only and not improved:
             return
         target = self._path(ctx)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        if ctx.is_main_process:
+            target.parent.mkdir(parents=True, exist_ok=True)
         name = str(target)
         before = (self.files, self.best, self.best_path)
         files = [f for f in self.files if f != name] + [name]
@@ -154,7 +156,7 @@ class ModelCheckpoint(Callback):
         except BaseException:
             self.files, self.best, self.best_path = before
             raise
-        for old in stale:  # only now that the new file is whole
+        for old in stale if ctx.is_main_process else ():  # only now that the new file is whole
             with contextlib.suppress(FileNotFoundError):
                 os.remove(old)
 
