@@ -185,22 +185,85 @@ def _collective_device() -> torch.device:
 
 
 class AgreeOnStop(Callback):
-    """Under DDP (a default callback there, weight ``inf``): once every ``on_epoch_end``
-    handler has run, a stop given on any rank (early stopping, a time limit, a callback)
-    stops every rank after the same epoch, with the reason of the lowest rank that stopped.
-    One collective per epoch."""
+    """Under DDP (a default callback there, weight ``inf``): a stop given on any rank (early
+    stopping, a time limit, a callback) stops every rank at the same point, so that no rank
+    waits forever for another's gradients.
+
+    - Inside an epoch, a stop given on one rank is held (``ctx.stop_reason`` is cleared on
+      that rank) and shared without a blocking sync: every ``interval`` batches each rank
+      starts an all-reduce of its flag on a CPU process group and reads the one it started
+      ``interval`` batches earlier (long done). So every rank stops after the same batch, at
+      most ``2 * interval`` batches after the stop was given. ``max_steps`` needs no agreement
+      (every rank counts the same steps).
+    - At the end of each training phase (before validation, which every rank runs or none)
+      and of each epoch (once every ``on_epoch_end`` handler has run), the ranks agree at once
+      (two collectives per epoch); the reason is the lowest stopping rank's. A stop given at
+      ``on_train_begin`` is held the same way.
+    """
 
     weight = float("inf")
+
+    def __init__(self, interval: int = 8) -> None:
+        self.interval = interval
+        self._held: str | None = None  # a stop given here, waiting for the next agreement
+        self._work: Any = None  # the flag all-reduce in flight
+        self._flag: torch.Tensor | None = None
+        self._group: Any = None
+
+    def setup(self, ctx: Context) -> None:
+        self._held, self._work, self._flag = None, None, None
+        if self._group is None:  # flags travel on the CPU: reading one never syncs with a GPU
+            self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+
+    def _hold(self, ctx: Context) -> None:
+        reason = ctx.stop_reason
+        if reason is not None and reason != "max_steps":
+            if self._held is None:
+                self._held = reason  # not yet: the other ranks would wait for this one's gradients
+            ctx.stop_reason = None
+
+    on_train_begin = _hold
+
+    def on_train_batch_end(self, ctx: Context) -> None:
+        self._hold(ctx)
+        if ctx.iter % self.interval:
+            return
+        if self._work is not None:
+            self._work.wait()  # started interval batches ago: done by now
+            assert self._flag is not None
+            stopped = bool(self._flag.item())  # sync-ok: a CPU tensor, every interval batches
+            self._work = None
+            if stopped:
+                self._stop(ctx)
+                return
+        self._flag = torch.tensor(int(self._held is not None))
+        self._work = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
+
+    def on_train_end(self, ctx: Context) -> None:
+        if self._work is not None:  # every rank started it at the same batch: every rank ends it
+            self._work.wait()
+            self._work = None
+        self._hold(ctx)
+        self._stop(ctx)  # before validation, which every rank runs or none
 
     def on_epoch_end(self, ctx: Context) -> None:
         ctx.after_stage(self._agree)
 
+    def _stop(self, ctx: Context) -> None:
+        """Every rank stops here if one gave a stop: with the lowest such rank's reason."""
+        reasons: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(reasons, self._held, group=self._group)
+        self._held = None
+        given = next((reason for reason in reasons if reason is not None), None)
+        if given is not None:
+            ctx.stop_training(given)
+
     def _agree(self, ctx: Context) -> None:
         reasons: list[str | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(reasons, ctx.stop_reason)
+        dist.all_gather_object(reasons, ctx.stop_reason, group=self._group)
         given = next((reason for reason in reasons if reason is not None), None)
         if given is not None:
             ctx.stop_training(given)
 
     def __repr__(self) -> str:
-        return "AgreeOnStop()"
+        return f"AgreeOnStop(interval={self.interval})"

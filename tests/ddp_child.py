@@ -42,6 +42,13 @@ class StopOnRankOne(corolux.Callback):
             ctx.stop_training("early_stopping")
 
 
+class StopMidEpochOnRankOne(corolux.Callback):
+    def on_train_batch_end(self, ctx):
+        if rank == 1 and (ctx.epoch, ctx.iter) == (2, 3):
+            ctx.stop_training("time_limit")
+        ctx.log("stopped_at", float(ctx.iter))
+
+
 class FailOnRankOne(corolux.Callback):
     def on_train_batch_end(self, ctx):
         if rank == 1 and (ctx.epoch, ctx.iter) == (2, 3):
@@ -75,6 +82,7 @@ counter = CountAllReduces()
 callbacks = {
     "train": [],
     "stop": [StopOnRankOne()],
+    "midstop": [StopMidEpochOnRankOne()],
     "fail": [FailOnRankOne()],
     "accumulate": [corolux.callbacks.GradientAccumulation(2), counter],
     "resume": [corolux.callbacks.AutoResume(f"{out}.resume.pt", every_n_steps=3), KillOnce()],

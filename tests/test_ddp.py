@@ -59,6 +59,18 @@ def test_a_stop_on_one_rank_stops_every_rank_after_the_same_epoch(tmp_path):
     assert [r["stop_reason"] for r in ranks] == ["early_stopping", "early_stopping"]
 
 
+def test_a_stop_inside_an_epoch_on_one_rank_stops_every_rank_after_the_same_batch(tmp_path):
+    proc = torchrun(tmp_path / "run", "midstop", timeout=90)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"run-{r}.pt", weights_only=True) for r in (0, 1)]
+    assert [r["stop_reason"] for r in ranks] == ["time_limit", "time_limit"]
+    assert repr(ranks[0]["history"]) == repr(ranks[1]["history"])  # (nan, as no validation ran)
+    # given after batch 3 of epoch 2 on rank 1: shared at batch 8 (the flags go every 8), the
+    # epoch's last; both ranks trained the same batches
+    assert ranks[0]["history"]["stopped_at"] == [8.0, 8.0]
+    assert all(torch.equal(v, ranks[1]["model"][k]) for k, v in ranks[0]["model"].items())
+
+
 def test_an_error_on_one_rank_ends_the_job_with_it_shown_and_no_hang(tmp_path):
     start = time.monotonic()
     proc = torchrun(tmp_path / "run", "fail", timeout=90)

@@ -77,3 +77,14 @@ def test_the_callbacks_example_trains_logs_and_keeps_the_best_model(tmp_path):
     valid_losses = [float(r.split(",")[2]) for r in rows[1:] if r.split(",")[1] == "valid"]
     assert best["history"]["records"][-1]["valid_loss"] == min(valid_losses)
     assert not (tmp_path / "resume.pt").exists()  # AutoResume's file goes once training is done
+
+
+def test_the_ddp_example_runs_on_two_processes_with_rank_0_reporting(tmp_path):
+    pytest.importorskip("sklearn")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.run([*launch, "examples/ddp.py"], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    (test_line,) = [line for line in lines if line.startswith("test:")]  # rank 0 only
+    assert any(line.startswith("2 process(es): History(8 epochs") for line in lines)
+    assert ast.literal_eval(test_line.removeprefix("test:").strip())["acc"] > 0.85
