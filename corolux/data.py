@@ -478,7 +478,7 @@ def resume_batches(data: Any, state: Mapping[str, Any], skip: int, then: Callabl
     if isinstance(data, TensorBatches):
         return data.iter_from(skip, then)
     if isinstance(data, DataLoader):
-        return iter(_rebuilt(data, _SkipBatches(data.batch_sampler, skip, then)))
+        return iter(_rebuilt(data, batch_sampler=_SkipBatches(data.batch_sampler, skip, then)))
     assert isinstance(data, Sequence)
     then()
     return iter(data[skip:])
@@ -502,12 +502,14 @@ class _SkipBatches:
         yield from batches
 
 
-def _rebuilt(loader: DataLoader, batch_sampler: Any) -> DataLoader:
-    """A DataLoader like ``loader`` that takes its batches of indices from ``batch_sampler``."""
+def _rebuilt(loader: DataLoader, **sampling: Any) -> DataLoader:
+    """A DataLoader like ``loader`` (its dataset, collate function, workers, pinning, seeds)
+    whose indices come from ``sampling``: ``batch_sampler=...``, or ``batch_size``,
+    ``sampler`` and ``drop_last``."""
     workers = loader.num_workers
     return DataLoader(
         loader.dataset,
-        batch_sampler=batch_sampler,
+        **sampling,
         num_workers=workers,
         collate_fn=loader.collate_fn,
         pin_memory=loader.pin_memory,
@@ -558,21 +560,11 @@ def _sharded_loader(loader: DataLoader, shard: tuple[int, int], shuffle: bool, n
     ):
         raise TypeError(_unshardable(name, loader))
     training = shuffle and isinstance(loader.sampler, RandomSampler)
-    workers = loader.num_workers
-    return DataLoader(
-        loader.dataset,
+    return _rebuilt(
+        loader,
         batch_size=loader.batch_size,
         sampler=_shard_sampler(loader.dataset, shard, training),
-        num_workers=workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
         drop_last=loader.drop_last,
-        timeout=loader.timeout,
-        worker_init_fn=loader.worker_init_fn,
-        multiprocessing_context=loader.multiprocessing_context if workers else None,
-        generator=loader.generator,
-        prefetch_factor=loader.prefetch_factor if workers else None,
-        persistent_workers=loader.persistent_workers,
     )
 
 
