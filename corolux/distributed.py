@@ -10,9 +10,11 @@ metrics across the processes, so every rank's history is the whole data set's.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import datetime
 import os
+import sys
 from typing import Any
 
 import torch
@@ -110,7 +112,12 @@ def _wants_cuda(device: str | torch.device) -> bool:
 
 
 def _leave() -> None:
+    """At exit: wait for the other ranks, then destroy the group (a rank that tears down its
+    connections while another still uses them makes that one abort)."""
     if dist.is_initialized():
+        if getattr(sys, "last_value", None) is None:  # a clean exit (a failed one would wait in vain)
+            with contextlib.suppress(Exception):
+                dist.barrier()
         dist.destroy_process_group()
 
 
