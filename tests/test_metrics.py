@@ -10,7 +10,7 @@ import torch
 from realdata import digits, iris
 
 import corolux
-from corolux.metrics import MAE, MSE, RMSE, Accuracy, Mean
+from corolux.metrics import MAE, MSE, RMSE, Accuracy, BinaryAccuracy, BinaryAUROC, Mean, MulticlassAUROC
 
 F = torch.nn.functional
 
@@ -596,3 +596,31 @@ def test_an_error_inside_a_metric_names_the_metric_phase_epoch_and_batch():
     with pytest.raises(RuntimeError, match="bad shapes") as info:
         trainer.fit((x, y), epochs=2, batch_size=16, valid_data=(x[:48], y[:48]))
     assert "in metric 'broken'.update, valid phase, epoch 1, batch 3" in info.value.__notes__
+
+
+def test_auroc_and_accuracy_match_scikit_learn_on_the_same_inputs():
+    metrics_sk = pytest.importorskip("sklearn.metrics")
+    g = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 2, (600,), generator=g)
+    score = (0.35 * target + 0.65 * torch.rand(600, generator=g)).clamp(0, 1)
+    binary = BinaryAUROC(num_thresholds=2001)
+    for i in range(0, 600, 64):  # batch by batch, as the tracker feeds it
+        binary.update(score[i : i + 64], target[i : i + 64])
+    assert binary.compute() == pytest.approx(metrics_sk.roc_auc_score(target, score), abs=1e-3)
+
+    classes = torch.randint(0, 4, (800,), generator=g)
+    logits = torch.randn(800, 4, generator=g) + 1.5 * torch.nn.functional.one_hot(classes, 4)
+    probs = logits.softmax(-1)
+    for average in ("macro", "weighted"):
+        multi = MulticlassAUROC(num_thresholds=2001, average=average)
+        multi.update(probs, classes)
+        expected = metrics_sk.roc_auc_score(classes, probs, multi_class="ovr", average=average)
+        assert multi.compute() == pytest.approx(expected, abs=1e-3), average
+    accuracy = Accuracy()
+    accuracy.update(logits, classes)
+    assert accuracy.compute() == pytest.approx(
+        metrics_sk.accuracy_score(classes, logits.argmax(-1)), abs=1e-12
+    )
+    binary_acc = BinaryAccuracy()
+    binary_acc.update(score, target)
+    assert binary_acc.compute() == pytest.approx(metrics_sk.accuracy_score(target, score >= 0.5), abs=1e-12)
