@@ -168,6 +168,35 @@ def gather_objects(value: Any) -> list[Any]:
     return values
 
 
+def gather_shares(share: Any) -> Any:
+    """The whole of what the ranks computed on their shares of some data (rank ``r`` had the
+    samples ``r, r + world, ...``), back in the data's order, on every rank: tensors (and
+    tuples or dicts of them) interleaved along the first dimension; lists of per-sample
+    items likewise."""
+    shares = gather_objects(share)
+    return _interleave(shares)
+
+
+def _interleave(shares: list[Any]) -> Any:
+    first = shares[0]
+    if isinstance(first, torch.Tensor):
+        total = sum(len(part) for part in shares)
+        out = first.new_empty((total, *first.shape[1:]))
+        for rank, part in enumerate(shares):
+            out[rank :: len(shares)] = part
+        return out
+    if isinstance(first, tuple) and hasattr(first, "_fields"):
+        return type(first)(*(_interleave([s[i] for s in shares]) for i in range(len(first))))
+    if isinstance(first, tuple):
+        return tuple(_interleave([s[i] for s in shares]) for i in range(len(first)))
+    if isinstance(first, dict):
+        return {key: _interleave([s[key] for s in shares]) for key in first}
+    if isinstance(first, list):
+        world, total = len(shares), sum(len(part) for part in shares)
+        return [shares[i % world][i // world] for i in range(total)]
+    raise TypeError(f"predict() under DDP cannot join per-rank outputs of type {type(first).__name__}")
+
+
 def rank_and_world() -> tuple[int, int]:
     """This process's rank and the number of processes ((0, 1) when not distributed)."""
     if not is_distributed():

@@ -307,11 +307,16 @@ class Trainer:
         self, data: Any, *, callbacks: Sequence[Any] | None = None, batch_size: int | None = None
     ) -> Any:
         """Predict on ``data``: the outputs concatenated along the first dimension, on the
-        CPU (leaf by leaf for tuple or dict outputs). Targets in the batches are ignored."""
+        CPU (leaf by leaf for tuple or dict outputs). Targets in the batches are ignored.
+
+        Under DDP every rank predicts its share (every world-size-th sample) and gets all the
+        predictions back, in the data's order (``run_predict`` gives a rank its share only)."""
         driver, make_loop = self._prepare_predict(data, callbacks, batch_size)
         self._drive(driver, make_loop)
         warn_if_interrupted(driver.ctx, "predict()")
-        return driver.ctx.predictions
+        if self.distributed is None:
+            return driver.ctx.predictions
+        return distributed.gather_shares(driver.ctx.predictions)
 
     # -- preparing a run -----------------------------------------------------------------------
 
@@ -529,7 +534,9 @@ class Trainer:
     ) -> tuple[Driver, MakeLoop]:
         self._check_idle()
         ctx = self._context("predict")
-        ctx.data = resolve_data(data, name="data", batch_size=batch_size, shuffle=False, device=self.device)
+        ctx.data = resolve_data(
+            data, name="data", batch_size=batch_size, shuffle=False, device=self.device, shard=self._shard()
+        )
         driver = Driver(ctx, self._callbacks([ProgressBar()], callbacks), self.all_stages)
         step, allowed = self._steps["predict"][0], self._allowed("predict")
         data = ctx.data

@@ -49,6 +49,10 @@ def test_two_processes_train_as_one_on_the_global_batch(tmp_path, single):
     for name, values in single["history"].items():
         assert ranks[0]["history"][name] == pytest.approx(values, abs=1e-4), name
     # 101 validation samples on 2 ranks (51 + 50): each counted once, so the metrics are exact
+    # predict(): each rank predicts its share; all of them come back, in order, on every rank
+    assert ranks[0]["predictions"].shape == (101, 3)
+    assert torch.equal(ranks[0]["predictions"], ranks[1]["predictions"])
+    assert torch.allclose(ranks[0]["predictions"], single["predictions"], atol=1e-5)
 
 
 def test_a_stop_on_one_rank_stops_every_rank_after_the_same_epoch(tmp_path):
