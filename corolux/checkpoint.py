@@ -367,7 +367,8 @@ def restore(ctx: Context, state: Mapping[str, Any]) -> ResumePoint | None:
     saved = check_callbacks(ctx, state)
     if state.get("model") is not None:
         load_weights(ctx, state)
-    own = _rank_callbacks(state)
+    rank = _saved_rank(state)
+    own = {} if rank is None else state["callbacks_ranks"][rank]
     for key, cb_state in saved.items():
         callbacks[key].load_state_dict(own.get(key, cb_state))
     counters = state["counters"]
@@ -382,15 +383,15 @@ def restore(ctx: Context, state: Mapping[str, Any]) -> ResumePoint | None:
         for generator, saved_state in zip(generators_of(data), states, strict=False):
             if generator is not None and saved_state is not None:
                 generator.set_state(saved_state)
-    rng = _rank_rng(state)
-    point = state["position"]
-    if point is None:
-        # An epoch cut short (Ctrl-C, a stop) is run again from its start: its record goes.
-        ctx.history.records = [r for r in ctx.history.records if r["epoch"] <= ctx.completed_epochs]
-        set_rng_state(rng)
-        return None
-    ctx.history.records = [r for r in ctx.history.records if r["epoch"] < point["epoch"]]
+    rng = state["rng"] if rank is None else state["rng_ranks"][rank]
     set_rng_state(rng)
+    point = state["position"]
+    # The records kept are those of the epochs before the one the run continues: an epoch cut
+    # short (Ctrl-C, a stop) between epochs runs again from its start, and its record goes.
+    last = ctx.completed_epochs if point is None else point["epoch"] - 1
+    history.records = [r for r in history.records if r["epoch"] <= last]
+    if point is None:
+        return None
     return ResumePoint(
         epoch=point["epoch"],
         phase=point["phase"],
@@ -401,32 +402,24 @@ def restore(ctx: Context, state: Mapping[str, Any]) -> ResumePoint | None:
     )
 
 
-def _rank_callbacks(state: Mapping[str, Any]) -> Mapping[str, Any]:
-    """This rank's states of the callbacks saved per rank, when a DDP run of this size saved
-    them ({} otherwise: every rank takes the states in ``"callbacks"``, rank 0's)."""
-    ranks = state.get("callbacks_ranks")
-    if ranks is None or not distributed.is_distributed():
-        return {}
-    rank, world = distributed.rank_and_world()
-    return ranks[rank] if len(ranks) == world else {}
-
-
-def _rank_rng(state: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The RNG states for this process: its rank's when a DDP run of the same size saved
-    them all, else those of the (rank 0) process that saved."""
+def _saved_rank(state: Mapping[str, Any]) -> int | None:
+    """Which of a DDP run's per-rank entries (``"rng_ranks"``, ``"callbacks_ranks"``) are this
+    process's; None when the file has none for a run of this size (every rank then takes the
+    saving process's, rank 0's)."""
     ranks = state.get("rng_ranks")
     if ranks is None or not distributed.is_distributed():
-        return state["rng"]
+        return None
     rank, world = distributed.rank_and_world()
     if len(ranks) != world:
         warnings.warn(
-            f"{_where(state)} holds the RNG states of {len(ranks)} processes, this run has {world}: "
-            "every rank starts from rank 0's (the run is not bit-identical to one of the saved size)",
+            f"{_where(state)} was saved by {len(ranks)} processes, this run has {world}: every rank "
+            "starts from rank 0's RNG and metric sums (the run is not bit-identical to one of the "
+            "saved size)",
             RuntimeWarning,
             stacklevel=4,
         )
-        return ranks[0]
-    return ranks[rank]
+        return None
+    return rank
 
 
 def resume(ctx: Context, source: PathLike | Mapping[str, Any]) -> ResumePoint | None:

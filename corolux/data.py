@@ -172,18 +172,11 @@ class TensorBatches:
         #: Under DDP (``shard=(rank, world_size)``): training shuffles and pads as
         #: ``DistributedSampler`` does (its ``set_epoch`` reshuffles); validation takes every
         #: ``world_size``-th row from ``rank`` on.
-        self.sampler: DistributedSampler[int] | None = None
-        self.stride: tuple[int, int] | None = None
-        if shard is not None and shuffle:
-            rank, world = shard
-            positions: Any = range(total)  # all DistributedSampler needs of a dataset: its length
-            self.sampler = DistributedSampler(positions, num_replicas=world, rank=rank, shuffle=True, seed=0)
-            self.size = len(self.sampler)
-        elif shard is not None:
-            self.stride = shard
-            self.size = len(range(shard[0], total, shard[1]))
-        else:
-            self.size = total
+        self.sampler: Any = None  # the rows of this rank's share, as a DataLoader's sampler
+        if shard is not None:
+            positions: Any = range(total)  # all a sampler needs of a dataset: its length
+            self.sampler = _shard_sampler(positions, shard, shuffle)
+        self.size = total if self.sampler is None else len(self.sampler)
 
     def __len__(self) -> int:
         return -(-self.size // self.batch_size)
@@ -203,7 +196,7 @@ class TensorBatches:
     def _batches(self, skip: int, then: Callable[[], None] | None) -> Iterator[tuple[torch.Tensor, ...]]:
         size, step = self.size, self.batch_size
         rows = self.indices
-        if self.sampler is not None or self.stride is not None:  # this rank's share (DDP)
+        if self.sampler is not None:  # this rank's share (DDP)
             rows = self._share(rows)
         elif self.shuffle:  # RandomSampler: a seed drawn at the first batch, then one randperm
             seed = int(torch.empty((), dtype=torch.int64).random_().item())  # sync-ok: a CPU tensor
@@ -222,12 +215,7 @@ class TensorBatches:
 
     def _share(self, rows: torch.Tensor | None) -> torch.Tensor:
         """This rank's rows (of the Subset's ``rows`` when there are some)."""
-        if self.sampler is not None:
-            share = torch.tensor(list(self.sampler), dtype=torch.long)
-        else:
-            assert self.stride is not None
-            rank, world = self.stride
-            share = torch.arange(rank, len(self.tensors[0]) if rows is None else len(rows), world)
+        share = torch.tensor(list(self.sampler), dtype=torch.long)
         return share if rows is None else rows[share.to(rows.device)]
 
     def _slice(self, start: int, stop: int) -> tuple[torch.Tensor, ...]:

@@ -26,7 +26,6 @@ from corolux.context import Context
 __all__ = [
     "AgreeOnStop",
     "Distributed",
-    "any_rank",
     "is_distributed",
     "is_main_process",
     "join",
@@ -150,21 +149,13 @@ def reduce_sum(value: Any) -> Any:
     return tensor.item()  # sync-ok: once per phase (a metric's count)
 
 
-def any_rank(flag: bool) -> bool:
-    """True when ``flag`` is true on any rank (a collective: every rank must call it)."""
-    if not is_distributed():
-        return flag
-    tensor = torch.tensor(int(flag), device=_collective_device())
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())  # sync-ok: once per epoch
-
-
-def gather_objects(value: Any) -> list[Any]:
-    """Every rank's ``value``, in rank order, on every rank (a collective)."""
+def gather_objects(value: Any, group: Any = None) -> list[Any]:
+    """Every rank's ``value``, in rank order, on every rank (a collective over ``group``,
+    default all of them)."""
     if not is_distributed():
         return [value]
-    values: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
+    values: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(values, value, group=group)
     return values
 
 
@@ -202,15 +193,6 @@ def rank_and_world() -> tuple[int, int]:
     if not is_distributed():
         return 0, 1
     return dist.get_rank(), dist.get_world_size()
-
-
-def broadcast_object(value: Any, src: int) -> Any:
-    """``value`` as rank ``src`` has it, on every rank."""
-    if not is_distributed():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def _collective_device() -> torch.device:
@@ -286,18 +268,16 @@ class AgreeOnStop(Callback):
         ctx.after_stage(self._agree)
 
     def _stop(self, ctx: Context) -> None:
-        """Every rank stops here if one gave a stop: with the lowest such rank's reason."""
-        reasons: list[str | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(reasons, self._held, group=self._group)
-        self._held = None
-        given = next((reason for reason in reasons if reason is not None), None)
-        if given is not None:
-            ctx.stop_training(given)
+        """Every rank stops here if one holds a stop (what ``on_train_batch_end`` kept back)."""
+        held, self._held = self._held, None
+        self._agree_on(ctx, held)
 
     def _agree(self, ctx: Context) -> None:
-        reasons: list[str | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(reasons, ctx.stop_reason, group=self._group)
-        given = next((reason for reason in reasons if reason is not None), None)
+        self._agree_on(ctx, ctx.stop_reason)
+
+    def _agree_on(self, ctx: Context, reason: str | None) -> None:
+        """Every rank stops if one gives ``reason`` (a collective), with the lowest such rank's."""
+        given = next((r for r in gather_objects(reason, self._group) if r is not None), None)
         if given is not None:
             ctx.stop_training(given)
 
