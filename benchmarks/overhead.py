@@ -763,39 +763,24 @@ def hand_predict(source: str) -> Callable[[torch.nn.Module, dict[str, Any]], Run
     return build
 
 
-def corolux_evaluate(source: str) -> Callable[[torch.nn.Module, dict[str, Any]], Runner]:
+def corolux_call(method: str, source: str) -> Callable[[torch.nn.Module, dict[str, Any]], Runner]:
+    """``trainer.evaluate`` or ``trainer.predict`` (``method``) over the list of batches or
+    the tensors (``source``); the loss or the predictions go to the workload's outputs."""
+
     def build(model: torch.nn.Module, w: dict[str, Any]) -> Runner:
         trainer, outputs = _trainer(model, w), w["outputs"]
+        call = getattr(trainer, method)
         if source == "list":
             data, kwargs = w["data"], {}
         else:
-            data, kwargs = (w["x"], w["y"]), {"batch_size": w["batch"]}
+            data = (w["x"], w["y"]) if method == "evaluate" else w["x"]
+            kwargs = {"batch_size": w["batch"]}
 
         def run() -> tuple[float, float]:
             t0 = _clock()
-            result = trainer.evaluate(data, **kwargs)
+            result = call(data, **kwargs)
             elapsed = _since(t0)
-            outputs[f"evaluate-{source}-corolux"] = result["loss"]
-            return elapsed
-
-        return run
-
-    return build
-
-
-def corolux_predict(source: str) -> Callable[[torch.nn.Module, dict[str, Any]], Runner]:
-    def build(model: torch.nn.Module, w: dict[str, Any]) -> Runner:
-        trainer, outputs = _trainer(model, w), w["outputs"]
-        if source == "list":
-            data, kwargs = w["data"], {}
-        else:
-            data, kwargs = w["x"], {"batch_size": w["batch"]}
-
-        def run() -> tuple[float, float]:
-            t0 = _clock()
-            result = trainer.predict(data, **kwargs)
-            elapsed = _since(t0)
-            outputs[f"predict-{source}-corolux"] = result
+            outputs[f"{method}-{source}-corolux"] = result["loss"] if method == "evaluate" else result
             return elapsed
 
         return run
@@ -808,25 +793,25 @@ EVAL_PAIRS: dict[str, tuple[str, str, Any, Any]] = {
     "evaluate-tensors": (
         "`evaluate((x, y), batch_size=64)`",
         "slices of (x, y) under `no_grad`",
-        corolux_evaluate("tensors"),
+        corolux_call("evaluate", "tensors"),
         hand_evaluate("tensors"),
     ),
     "predict-tensors": (
         "`predict(x, batch_size=64)`",
         "slices of x under `no_grad`, `torch.cat`",
-        corolux_predict("tensors"),
+        corolux_call("predict", "tensors"),
         hand_predict("tensors"),
     ),
     "evaluate-list": (
         "`evaluate(list)`",
         "the same list under `no_grad`",
-        corolux_evaluate("list"),
+        corolux_call("evaluate", "list"),
         hand_evaluate("list"),
     ),
     "predict-list": (
         "`predict(list)`",
         "the same list under `no_grad`, `torch.cat`",
-        corolux_predict("list"),
+        corolux_call("predict", "list"),
         hand_predict("list"),
     ),
 }
