@@ -14,6 +14,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from kill import KillAt as Kill
 from realdata import digits
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -95,19 +96,6 @@ def augmented(data):
 
 def batches(data):
     return [(data[0][i : i + 40], data[1][i : i + 40]) for i in range(0, len(data[0]), 40)]
-
-
-class Kill(corolux.Callback):
-    """Ends the process's training abruptly (as a kill would) after a given batch."""
-
-    weight = float("inf")
-
-    def __init__(self, epoch: int, batch: int) -> None:
-        self.epoch, self.batch = epoch, batch
-
-    def on_train_batch_end(self, ctx):
-        if (ctx.epoch, ctx.iter) == (self.epoch, self.batch):
-            raise SystemExit("killed")
 
 
 class Count(corolux.Callback):

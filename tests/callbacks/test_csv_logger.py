@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from kill import KillAt
 from realdata import digits, iris
 
 import corolux
@@ -338,13 +339,6 @@ def test_a_torn_last_line_is_dropped_on_resume_not_glued_to_the_next_row(tmp_pat
     x, y = digits()
     path, resume = tmp_path / "log.csv", tmp_path / "resume.pt"
 
-    class Kill(corolux.Callback):
-        weight = float("inf")
-
-        def on_train_batch_end(self, ctx):
-            if (ctx.epoch, ctx.iter) == (3, 2):
-                raise SystemExit
-
     def trainer():
         torch.manual_seed(0)
         return corolux.Trainer(
@@ -353,7 +347,9 @@ def test_a_torn_last_line_is_dropped_on_resume_not_glued_to_the_next_row(tmp_pat
         )  # fmt: skip
 
     with pytest.raises(SystemExit):
-        trainer().fit((x[:256], y[:256]), epochs=4, callbacks=[CSVLogger(path), AutoResume(resume), Kill()])
+        trainer().fit(
+            (x[:256], y[:256]), epochs=4, callbacks=[CSVLogger(path), AutoResume(resume), KillAt(3, 2)]
+        )
     whole = path.read_text()
     path.write_text(whole + "1")  # a kill cut the next row ("11,train,...") after its first character
     trainer().fit((x[:256], y[:256]), epochs=4, callbacks=[CSVLogger(path), AutoResume(resume)])

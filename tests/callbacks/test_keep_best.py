@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from kill import KillAt
 from realdata import digits_mlp_trainer, overfitting_split
 
 import corolux
@@ -190,19 +191,6 @@ def test_a_new_fit_starts_fresh(data):
 
 
 # -- resume ------------------------------------------------------------------------------------------
-
-
-class KillAt(corolux.Callback):
-    """Ends the process (as a kill would) at the first batch of ``epoch``."""
-
-    weight = float("inf")
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_batch_end(self, ctx):
-        if ctx.epoch == self.epoch:
-            raise SystemExit("killed")
 
 
 def test_a_resumed_run_restores_the_same_best_weights(data, tmp_path):

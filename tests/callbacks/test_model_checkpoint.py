@@ -10,6 +10,7 @@ import re
 
 import pytest
 import torch
+from kill import KillAt
 from realdata import digits_mlp_trainer, overfitting_split
 
 import corolux
@@ -269,19 +270,6 @@ def test_keep_last_deletes_only_once_the_new_file_is_written(data, tmp_path, mon
     assert ckpt.files == [str(tmp_path / f"epoch00{e}.pt") for e in (2, 3)]  # as before the failure
 
 
-class KillAt(corolux.Callback):
-    """Ends the process (as a kill would) at the first batch of ``epoch``."""
-
-    weight = float("inf")
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_batch_end(self, ctx):
-        if ctx.epoch == self.epoch:
-            raise SystemExit("killed")
-
-
 def test_a_resumed_run_goes_on_deleting_the_files_of_the_first(data, tmp_path):
     folder, path = tmp_path / "ckpt", tmp_path / "auto.pt"
     folder.mkdir()
@@ -391,13 +379,6 @@ def test_keep_last_after_a_resume_never_deletes_the_files_of_another_path(data, 
 def test_two_checkpoints_keep_their_own_state_in_whatever_order_they_come_back(data, tmp_path):
     path = tmp_path / "auto.pt"
 
-    class Kill(corolux.Callback):
-        weight = float("inf")
-
-        def on_train_batch_end(self, ctx):
-            if (ctx.epoch, ctx.iter) == (3, 1):
-                raise SystemExit
-
     def pair():
         return (
             ModelCheckpoint(f"{tmp_path}/all/", keep_last=2),
@@ -406,7 +387,7 @@ def test_two_checkpoints_keep_their_own_state_in_whatever_order_they_come_back(d
 
     every, best = pair()
     with pytest.raises(SystemExit):
-        fit(data, [every, best, AutoResume(path), Kill()])
+        fit(data, [every, best, AutoResume(path), KillAt(3, 1)])
     best_before = best.best
     every, best = pair()
     fit(data, [best, every, AutoResume(path)])  # given in the other order
