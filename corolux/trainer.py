@@ -437,7 +437,8 @@ class Trainer:
     def save_checkpoint(self, path: str | os.PathLike[str]) -> Path:
         """Write a checkpoint to ``path`` (atomically; see ``corolux.checkpoint``): the model,
         optimizers and GradScaler, and the training state of the open run (a stepper paused
-        between batches) or of the last fit. Returns the path.
+        between batches) or of the last fit. Returns the path. Under DDP call it on every
+        rank: each rank's RNG states and metric sums go into the file, which rank 0 writes.
 
         Example:
             >>> trainer.fit(data, epochs=3)                             # doctest: +SKIP
