@@ -368,7 +368,7 @@ def restore(ctx: Context, state: Mapping[str, Any]) -> ResumePoint | None:
     if state.get("model") is not None:
         load_weights(ctx, state)
     rank = _saved_rank(state)
-    own = {} if rank is None else state["callbacks_ranks"][rank]
+    own = _rank_states(state, callbacks, rank)
     for key, cb_state in saved.items():
         callbacks[key].load_state_dict(own.get(key, cb_state))
     counters = state["counters"]
@@ -402,6 +402,26 @@ def restore(ctx: Context, state: Mapping[str, Any]) -> ResumePoint | None:
     )
 
 
+def _rank_states(state: Mapping[str, Any], callbacks: Mapping[str, Any], rank: int | None) -> dict[str, Any]:
+    """The states of the callbacks kept per rank that this process takes: its own when the
+    run has as many processes as the one that saved; else what each callback's
+    ``reshard_state(states, rank, world)`` makes of all the saved ones (``MetricsTracker``:
+    rank 0 takes the sums over the saved ranks, the others none, so the epoch's metrics stay
+    exact, one process included). A callback without that hook takes rank 0's."""
+    saved_ranks = state.get("callbacks_ranks")
+    if saved_ranks is None:
+        return {}
+    if rank is not None:
+        return dict(saved_ranks[rank])
+    here, world = distributed.rank_and_world()
+    resharded = {}
+    for key in state.get("per_rank", ()):
+        reshard = getattr(callbacks.get(key), "reshard_state", None)
+        if callable(reshard):
+            resharded[key] = reshard([states[key] for states in saved_ranks], here, world)
+    return resharded
+
+
 def _saved_rank(state: Mapping[str, Any]) -> int | None:
     """Which of a DDP run's per-rank entries (``"rng_ranks"``, ``"callbacks_ranks"``) are this
     process's; None when the file has none for a run of this size (every rank then takes the
@@ -413,8 +433,8 @@ def _saved_rank(state: Mapping[str, Any]) -> int | None:
     if len(ranks) != world:
         warnings.warn(
             f"{_where(state)} was saved by {len(ranks)} processes, this run has {world}: every rank "
-            "starts from rank 0's RNG and metric sums (the run is not bit-identical to one of the "
-            "saved size)",
+            "starts from rank 0's RNG (the run is not bit-identical to one of the saved size; the "
+            "epoch's metric sums are combined, so they stay exact)",
             RuntimeWarning,
             stacklevel=4,
         )

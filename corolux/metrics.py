@@ -14,7 +14,10 @@ is computed on each rank's share, with a warning.
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
+import operator
 import re
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
@@ -35,6 +38,7 @@ __all__ = [
     "Metric",
     "MulticlassAUROC",
     "load_metric_state",
+    "merge_metric_states",
     "metric_name",
     "metric_state",
 ]
@@ -468,6 +472,39 @@ def load_metric_state(metric: Any, state: dict[str, Any]) -> None:
         metric._update_count = max(getattr(metric, "_update_count", 0), 1)  # compute() would warn otherwise
     else:
         metric.load_state_dict(state["state_dict"])
+
+
+def merge_metric_states(metric: Any, states: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """One state for ``metric`` holding what all of ``states`` accumulated (each what
+    :func:`metric_state` gave for a copy of it, e.g. one per DDP rank): the sums of what its
+    ``reduce_states`` hook hands over, or torchmetrics' ``merge_state``. ``states[0]`` when
+    the metric has neither, or a state is missing.
+
+    Example:
+        >>> merged = merge_metric_states(Accuracy(), [rank0_state, rank1_state])  # doctest: +SKIP
+    """
+    if not states or any(state is None for state in states):
+        return states[0] if states else None
+    copies = []
+    for state in states:
+        copy_ = copy.deepcopy(metric)
+        load_metric_state(copy_, state)  # type: ignore[arg-type]
+        copies.append(copy_)
+    first = copies[0]
+    if "torchmetrics" in states[0]:  # type: ignore[operator]
+        for other in copies[1:]:
+            first.merge_state(other)
+        return metric_state(first)
+    if not callable(getattr(first, "reduce_states", None)):
+        return states[0]
+    handed: list[list[Any]] = []  # what each copy hands to reduce_sum, in the hook's order
+    for copy_ in copies:
+        values: list[Any] = []
+        copy_.reduce_states(lambda value, values=values: values.append(value) or value)
+        handed.append(values)
+    totals = iter([functools.reduce(operator.add, values) for values in zip(*handed, strict=True)])
+    first.reduce_states(lambda _value: next(totals))
+    return metric_state(first)
 
 
 def metric_name(metric: Any) -> str:

@@ -92,6 +92,8 @@ if mode.startswith("single"):  # the reference: one process, the global batch, t
     data, kwargs = DataLoader(TensorDataset(x, y), batch_size=32, sampler=sampler), {}
     mode = mode.removeprefix("single-") if "-" in mode else "train"
     callbacks["accumulate"] = callbacks["accumulate"][:1]
+    if mode == "resume":  # continue a DDP run's checkpoint in one process, on the global batch
+        callbacks["resume"], kwargs = [], {"resume_from": f"{out}.resume.pt"}
 else:
     data, kwargs = (x, y), {"batch_size": 16}  # 16 per process: a global batch of 32
 history = trainer.fit(data, epochs=3, valid_data=(xv, yv), callbacks=callbacks[mode], **kwargs)

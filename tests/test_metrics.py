@@ -624,3 +624,39 @@ def test_auroc_and_accuracy_match_scikit_learn_on_the_same_inputs():
     binary_acc = BinaryAccuracy()
     binary_acc.update(score, target)
     assert binary_acc.compute() == pytest.approx(metrics_sk.accuracy_score(target, score >= 0.5), abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [Accuracy, lambda: Mean(name="m"), MSE, MulticlassAUROC, corolux.metrics.LossTracker, "torchmetrics"],
+    ids=["accuracy", "mean", "mse", "auroc", "loss", "torchmetrics"],
+)
+def test_merged_states_of_shares_equal_the_metric_on_the_whole_data(make):
+    """What a checkpoint of a DDP run holds per rank, merged into one: the whole data's value."""
+    if make == "torchmetrics":
+        torchmetrics = pytest.importorskip("torchmetrics")
+        make = lambda: torchmetrics.classification.MulticlassAccuracy(num_classes=10, average="micro")  # noqa: E731
+    x, y = digits()
+    logits = torch.nn.Linear(64, 10)(x[:300]).detach()
+    y = y[:300]
+
+    def fed(indices):
+        metric = make()
+        for start in range(0, len(indices), 32):
+            part = indices[start : start + 32]
+            if isinstance(metric, corolux.metrics.LossTracker):
+                metric.update(torch.nn.functional.cross_entropy(logits[part], y[part]), len(part))
+            elif isinstance(metric, (MSE,)):
+                metric.update(logits[part, :1], y[part, None].float())
+            else:
+                metric.update(logits[part], y[part])
+        return metric
+
+    whole = fed(torch.arange(300))
+    shares = [fed(torch.arange(r, 300, 3)) for r in range(3)]  # three ranks' shares
+    merged = make()
+    corolux.metrics.load_metric_state(
+        merged, corolux.metrics.merge_metric_states(make(), [corolux.metrics.metric_state(s) for s in shares])
+    )
+    assert float(merged.compute()) == pytest.approx(float(whole.compute()), rel=1e-6)
+    assert float(shares[0].compute()) != pytest.approx(float(whole.compute()), rel=1e-6)  # a share is not

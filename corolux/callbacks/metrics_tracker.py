@@ -13,7 +13,7 @@ from corolux.callback import Callback
 from corolux.context import Context
 from corolux.data import batch_size_of, to_device
 from corolux.distributed import is_distributed, reduce_sum
-from corolux.metrics import LossTracker, load_metric_state, metric_name, metric_state
+from corolux.metrics import LossTracker, load_metric_state, merge_metric_states, metric_name, metric_state
 
 __all__ = ["MetricsTracker"]
 
@@ -85,6 +85,25 @@ class MetricsTracker(Callback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Keep a checkpoint's accumulators until the resumed training pass begins."""
         self._resumed = state["train"]
+
+    def reshard_state(self, states: list[dict[str, Any]], rank: int, world: int) -> dict[str, Any]:
+        """This rank's state from those saved by a DDP run of another size: rank 0 takes
+        the sums over all of them, the other ranks nothing, so the reduced values (or one
+        process's) are the saved run's exactly."""
+        trains = [state["train"] for state in states]
+        if rank != 0 or any(train is None for train in trains):
+            return {"train": None} if rank != 0 else states[0]
+        names = dict.fromkeys(name for train in trains for name in train["losses"])
+        empty = LossTracker().state_dict()
+        losses = {}
+        for name in names:
+            saved = [{"state_dict": train["losses"].get(name, empty)} for train in trains]
+            losses[name] = merge_metric_states(LossTracker(name), saved)["state_dict"]  # type: ignore[index]
+        metrics = [
+            merge_metric_states(metric, [train["metrics"][i] for train in trains])
+            for i, metric in enumerate(self.train_metrics)
+        ]
+        return {"train": {"losses": losses, "metrics": metrics}}
 
     def _load_accumulators(self, state: dict[str, Any]) -> None:
         for name, tracker_state in state["losses"].items():
