@@ -37,7 +37,9 @@ class Callback:
     after the last event, in every outcome), ``state_dict()`` /
     ``load_state_dict(state)`` (saved in checkpoints; matched by a ``state_key`` attribute,
     else the class name; ``per_rank_state = True`` when it differs between DDP ranks, so that
-    each rank's is saved and restored), ``wrap_handler(handler, owner, stage) -> handler`` (called once
+    each rank's is saved and restored; ``reshard_state(states, rank, world) -> state`` then
+    says what a rank takes when the run has another number of processes than the one that
+    saved, else rank 0's), ``wrap_handler(handler, owner, stage) -> handler`` (called once
     per run for every class handler of the other callbacks: how ``Profile`` times them).
 
     Example:

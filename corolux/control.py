@@ -90,7 +90,7 @@ class Signals:
     stop is requested and not yet taken. Only the methods below change these fields.
     """
 
-    __slots__ = ("pending", "emitted", "after", "_requested", "_stopping", "sigints")
+    __slots__ = ("pending", "emitted", "after", "defer", "_requested", "_deferred", "_stopping", "sigints")
 
     def __init__(self) -> None:
         #: Something waits for the loop (read after every stage, so a plain attribute).
@@ -99,7 +99,11 @@ class Signals:
         self.emitted: deque[str] = deque()
         #: Work to run once every handler of the current stage has run (``ctx.after_stage``).
         self.after: deque[Callable[[], None]] = deque()
+        #: Under DDP (set by ``AgreeOnStop``): a requested stop waits, :attr:`deferred`, until
+        #: the ranks agree on it and :meth:`release` it, so every rank stops after the same batch.
+        self.defer = False
         self._requested = False
+        self._deferred = False
         self._stopping = False
         #: SIGINTs received while :func:`graceful_sigint` was installed.
         self.sigints = 0
@@ -147,9 +151,32 @@ class Signals:
         """A Ctrl-C now aborts: the graceful stop has begun, or SIGINT came twice."""
         return self._stopping or self.sigints >= 2
 
+    @property
+    def stopping(self) -> bool:
+        """The graceful stop has begun (the loop took the request)."""
+        return self._stopping
+
+    @property
+    def deferred(self) -> bool:
+        """A stop was requested while :attr:`defer` is set, and waits for :meth:`release`."""
+        return self._deferred
+
     def request(self) -> None:
-        """Ask for a graceful stop at the loop's next stage boundary (idle -> requested); a
-        no-op once the stop has begun."""
+        """Ask for a graceful stop at the loop's next stage boundary (idle -> requested), or
+        at the ranks' next agreement under :attr:`defer` (idle -> deferred); a no-op once the
+        stop has begun."""
+        if self._stopping:
+            return
+        if self.defer:
+            self._deferred = True
+            return
+        self._requested = True
+        self.pending = True
+
+    def release(self) -> None:
+        """The ranks agreed on a stop: take it at the loop's next stage boundary, on every
+        rank (deferred or idle -> requested); a no-op once the stop has begun."""
+        self._deferred = False
         if not self._stopping:
             self._requested = True
             self.pending = True
@@ -167,7 +194,7 @@ class Signals:
         """A Ctrl-C arrived (a callback raised ``KeyboardInterrupt``, or SIGINT): request the
         graceful stop; a second one before the loop took the first, or one once the stop
         has begun, aborts (raises ``KeyboardInterrupt``)."""
-        if self.aborting or self._requested:
+        if self.aborting or self._requested or self._deferred:
             raise KeyboardInterrupt
         self.request()
 

@@ -202,6 +202,16 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+INTERRUPTED = "interrupted"
+
+
+def _given(ctx: Context) -> str | None:
+    """The stop this rank gives: its ``ctx.stop_reason``, or a deferred Ctrl-C."""
+    if ctx.stop_reason is None and ctx.signals.deferred:
+        return INTERRUPTED
+    return ctx.stop_reason
+
+
 class AgreeOnStop(Callback):
     """Under DDP (a default callback there, weight ``inf``): a stop given on any rank (early
     stopping, a time limit, a callback) stops every rank at the same point, so that no rank
@@ -217,6 +227,12 @@ class AgreeOnStop(Callback):
       and of each epoch (once every ``on_epoch_end`` handler has run), the ranks agree at once
       (two collectives per epoch); the reason is the lowest stopping rank's. A stop given at
       ``on_train_begin`` is held the same way.
+    - Ctrl-C (``torchrun`` forwards SIGINT to every worker) is a stop like the others: under
+      ``fit()`` it is deferred (``ctx.signals.defer``) and agreed at the same points, then every
+      rank takes the graceful stop (``on_interrupt``, ``history.interrupted``) after the same
+      batch, so the history comes back on every rank (a second Ctrl-C aborts). A Ctrl-C during
+      validation waits for the epoch's end. ``torchrun`` kills the workers 30 s after it
+      forwarded the signal.
     """
 
     weight = float("inf")
@@ -230,12 +246,13 @@ class AgreeOnStop(Callback):
 
     def setup(self, ctx: Context) -> None:
         self._held, self._work, self._flag = None, None, None
+        ctx.signals.defer = True  # Ctrl-C too waits for the ranks to agree
         if self._group is None:  # flags travel on the CPU: reading one never syncs with a GPU
             self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
 
     def _hold(self, ctx: Context) -> None:
-        reason = ctx.stop_reason
-        if reason is not None and reason != "max_steps":
+        reason = _given(ctx)
+        if reason is not None and reason != "max_steps" and not ctx.signals.stopping:
             if self._held is None:
                 self._held = reason  # not yet: the other ranks would wait for this one's gradients
             ctx.stop_reason = None
@@ -273,12 +290,14 @@ class AgreeOnStop(Callback):
         self._agree_on(ctx, held)
 
     def _agree(self, ctx: Context) -> None:
-        self._agree_on(ctx, ctx.stop_reason)
+        self._agree_on(ctx, _given(ctx))
 
     def _agree_on(self, ctx: Context, reason: str | None) -> None:
         """Every rank stops if one gives ``reason`` (a collective), with the lowest such rank's."""
         given = next((r for r in gather_objects(reason, self._group) if r is not None), None)
-        if given is not None:
+        if given == INTERRUPTED and not ctx.signals.stopping:
+            ctx.signals.release()  # the loop's graceful Ctrl-C stop, on every rank after this stage
+        elif given is not None:
             ctx.stop_training(given)
 
     def __repr__(self) -> str:

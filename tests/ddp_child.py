@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import torch
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
@@ -78,6 +79,29 @@ class KillOnce(corolux.Callback):
             os._exit(3)  # a kill: no cleanup
 
 
+class SlowAfterReady(corolux.Callback):
+    """From batch 2 of epoch 2: says so in a file, then trains slowly (for a Ctrl-C to land),
+    each rank pausing at another stage, so that a SIGINT finds them in different batches."""
+
+    def _slow(self, ctx):
+        if (ctx.epoch, ctx.iter) >= (2, 2):
+            open(f"{out}.ready-{rank}", "w").close()
+            time.sleep(0.2)
+
+    def on_train_batch_end(self, ctx):
+        ctx.log("stopped_at", float(ctx.iter))
+        if rank == 0:
+            self._slow(ctx)
+
+    def on_train_batch_after_pred(self, ctx):
+        if rank == 1:
+            self._slow(ctx)
+
+    def on_interrupt(self, ctx):
+        ctx.interrupts = getattr(ctx, "interrupts", 0) + 1
+        torch.save({"at": (ctx.epoch, ctx.iter), "interrupts": ctx.interrupts}, f"{out}.interrupt-{rank}.pt")
+
+
 counter = CountAllReduces()
 callbacks = {
     "train": [],
@@ -85,6 +109,7 @@ callbacks = {
     "midstop": [StopMidEpochOnRankOne()],
     "fail": [FailOnRankOne()],
     "accumulate": [corolux.callbacks.GradientAccumulation(2), counter],
+    "interrupt": [SlowAfterReady()],
     "resume": [corolux.callbacks.AutoResume(f"{out}.resume.pt", every_n_steps=3), KillOnce()],
 }
 if mode.startswith("single"):  # the reference: one process, the global batch, the same order of samples
@@ -104,6 +129,7 @@ torch.save(
         "model": trainer.model.state_dict(),
         "history": history.to_dict(),
         "stop_reason": history.stop_reason,
+        "interrupted": history.interrupted,
         "world": 1 if trainer.distributed is None else trainer.distributed.world_size,
         "ctx_model_is_ddp": isinstance(trainer._ddp_model, torch.nn.parallel.DistributedDataParallel),
         "all_reduces": counter.count,

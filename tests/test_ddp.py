@@ -4,6 +4,7 @@ training on the global batch."""
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -73,6 +74,30 @@ def test_a_stop_inside_an_epoch_on_one_rank_stops_every_rank_after_the_same_batc
     # given after batch 3 of epoch 2 on rank 1: shared at batch 8 (the flags go every 8), the
     # epoch's last; both ranks trained the same batches
     assert ranks[0]["history"]["stopped_at"] == [8.0, 8.0]
+    assert all(torch.equal(v, ranks[1]["model"][k]) for k, v in ranks[0]["model"].items())
+
+
+def test_ctrl_c_given_to_torchrun_stops_every_rank_gracefully_after_the_same_batch(tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.Popen(
+        [*command, str(CHILD), str(out), "interrupt"], cwd=ROOT, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not all(Path(f"{out}.ready-{r}").exists() for r in (0, 1)):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C gives torchrun, which forwards it
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    ranks = [torch.load(tmp_path / f"run-{r}.pt", weights_only=True) for r in (0, 1)]
+    assert [(r["interrupted"], r["stop_reason"]) for r in ranks] == [(True, "interrupted")] * 2, err[-3000:]
+    interrupts = [torch.load(tmp_path / f"run.interrupt-{r}.pt", weights_only=True) for r in (0, 1)]
+    assert interrupts[0] == interrupts[1] and interrupts[0]["interrupts"] == 1  # the same batch, once
+    assert ranks[0]["history"]["stopped_at"] == ranks[1]["history"]["stopped_at"]
+    assert len(ranks[0]["history"]["epoch"]) < 3  # it did stop early
     assert all(torch.equal(v, ranks[1]["model"][k]) for k, v in ranks[0]["model"].items())
 
 
