@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 
 import torch
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
@@ -102,6 +103,21 @@ class SlowAfterReady(corolux.Callback):
         torch.save({"at": (ctx.epoch, ctx.iter), "interrupts": ctx.interrupts}, f"{out}.interrupt-{rank}.pt")
 
 
+class SharePerRank:
+    """A custom metric without the reduction hook: each rank's share only (with a warning)."""
+
+    name, higher_is_better = "share", False
+
+    def reset(self):
+        self.count = 0
+
+    def update(self, pred, target):
+        self.count += len(target)
+
+    def compute(self):
+        return float(self.count)
+
+
 counter = CountAllReduces()
 callbacks = {
     "train": [],
@@ -110,6 +126,12 @@ callbacks = {
     "fail": [FailOnRankOne()],
     "accumulate": [corolux.callbacks.GradientAccumulation(2), counter],
     "interrupt": [SlowAfterReady()],
+    "loggers": [  # each rank names its own files: only rank 0's may appear
+        corolux.callbacks.CSVLogger(f"{out}-{rank}.csv"),
+        corolux.callbacks.TensorBoardLogger(f"{out}-{rank}-tb"),
+        corolux.callbacks.ModelCheckpoint(f"{out}-{rank}-ckpt/epoch{{epoch}}.pt"),
+        corolux.callbacks.ProgressBar(style="line", file=sys.stdout),
+    ],
     "resume": [corolux.callbacks.AutoResume(f"{out}.resume.pt", every_n_steps=3), KillOnce()],
 }
 if mode.startswith("single"):  # the reference: one process, the global batch, the same order of samples
@@ -121,7 +143,11 @@ if mode.startswith("single"):  # the reference: one process, the global batch, t
         callbacks["resume"], kwargs = [], {"resume_from": f"{out}.resume.pt"}
 else:
     data, kwargs = (x, y), {"batch_size": 16}  # 16 per process: a global batch of 32
-history = trainer.fit(data, epochs=3, valid_data=(xv, yv), callbacks=callbacks[mode], **kwargs)
+if mode == "loggers":
+    trainer.valid_metrics = [*trainer.valid_metrics, SharePerRank()]
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    history = trainer.fit(data, epochs=3, valid_data=(xv, yv), callbacks=callbacks[mode], **kwargs)
 predictions = trainer.predict(xv, batch_size=8)  # 101 samples: 51 on rank 0, 50 on rank 1
 torch.save(
     {
@@ -134,6 +160,7 @@ torch.save(
         "ctx_model_is_ddp": isinstance(trainer._ddp_model, torch.nn.parallel.DistributedDataParallel),
         "all_reduces": counter.count,
         "rng": torch.get_rng_state(),
+        "warnings": [str(w.message) for w in caught],
     },
     f"{out}-{rank}.pt",
 )

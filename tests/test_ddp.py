@@ -101,6 +101,27 @@ def test_ctrl_c_given_to_torchrun_stops_every_rank_gracefully_after_the_same_bat
     assert all(torch.equal(v, ranks[1]["model"][k]) for k, v in ranks[0]["model"].items())
 
 
+def test_progress_loggers_and_checkpoints_are_written_by_rank_0_only(tmp_path):
+    proc = torchrun(tmp_path / "run", "loggers")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    written = sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".pt"))
+    assert written == ["run-0-ckpt", "run-0-tb", "run-0.csv"]  # each rank named its own: rank 1's are absent
+    saved = sorted(p.name for p in (tmp_path / "run-0-ckpt").iterdir())
+    assert saved == ["epoch1.pt", "epoch2.pt", "epoch3.pt"]
+    assert len((tmp_path / "run-0.csv").read_text().splitlines()) == 1 + 3 * 2  # a header, one row per phase
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert [line.split(" - ")[0] for line in lines if line.startswith("Epoch ")] == [
+        "Epoch 1/3",
+        "Epoch 2/3",
+        "Epoch 3/3",
+    ]  # one progress line per epoch, not one per rank
+    ranks = [torch.load(tmp_path / f"run-{r}.pt", weights_only=True) for r in (0, 1)]
+    # a custom metric without reduce_states: each rank's share (51 + 50 samples), one warning each
+    assert [r["history"]["valid_share"] for r in ranks] == [[51.0] * 3, [50.0] * 3]
+    for r in ranks:
+        assert sum("'share'" in w and "reduce_states" in w for w in r["warnings"]) == 1
+
+
 def test_an_error_on_one_rank_ends_the_job_with_it_shown_and_no_hang(tmp_path):
     start = time.monotonic()
     proc = torchrun(tmp_path / "run", "fail", timeout=90)
