@@ -76,6 +76,12 @@ def join(strategy: str | None, device: str | torch.device, timeout: float) -> Di
     Raises:
         ValueError: an unknown strategy, or ``"ddp"`` in a process no launcher started.
     """
+    if isinstance(strategy, str) and strategy.lower() in ("fsdp", "fsdp2", "deepspeed"):
+        raise ValueError(
+            f"strategy={strategy!r} is not built in yet (planned: FSDP2's fully_shard, with sharded "
+            "checkpoints); today corolux trains data-parallel with strategy='ddp' (or any torchrun "
+            "launch), which keeps a whole copy of the model on each process"
+        )
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be None or 'ddp', got {strategy!r}")
     if strategy is None and not launched() and not is_distributed():

@@ -179,3 +179,17 @@ def test_a_killed_ddp_run_resumes_under_ddp_bit_identically_and_in_one_process(t
         assert torch.allclose(one["model"][key], value, atol=1e-5), key
     for name, values in single["history"].items():
         assert one["history"][name] == pytest.approx(values, abs=1e-4), name
+
+
+@pytest.mark.parametrize(
+    ("strategy", "says"),
+    [("ddp", "torchrun --nproc_per_node=N"), ("fsdp", "not built in yet"), ("dpp", "None or 'ddp'")],
+)
+def test_a_strategy_it_cannot_run_here_is_a_clear_error(strategy, says, monkeypatch):
+    import corolux
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError, match=f"strategy.*{strategy}|{strategy}.*strategy") as info:
+        corolux.Trainer(torch.nn.Linear(2, 2), loss_fn=torch.nn.functional.mse_loss, strategy=strategy)
+    assert says in str(info.value)
