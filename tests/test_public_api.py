@@ -75,6 +75,7 @@ METRICS = {
     "MulticlassAUROC",
     "RMSE",
     "load_metric_state",
+    "merge_metric_states",
     "metric_name",
     "metric_state",
 }
