@@ -11,7 +11,10 @@ and not yielded. ``fit()``, ``evaluate()`` and ``predict()``, which have no cons
 over the batch stages that no handler listens to, so they cost nothing; since the signals
 are checked after them as after any other stage, handlers see the same run as under
 ``run()``, and only a consumer could tell the difference (the grammar property tests drive
-both).
+both). When every stage inside a default step is passed over (and training has one
+optimizer), the loop runs that step's body itself, without the step's generator: the same
+calls in the same order, ``ctx.stage`` and the signals as at its stages (``_flat``;
+``tests/test_flat_steps.py`` holds the two paths to the same results).
 
 A consumer's ``close()`` arrives as ``GeneratorExit`` at a yield: nothing here catches it,
 so cleanup runs (``with`` blocks, ``finally``) and nothing more is yielded.
@@ -40,7 +43,7 @@ from corolux.data import (
     set_epoch,
     to_device,
 )
-from corolux.events import BATCH_ENDS, SCOPE_STAGES, Stage
+from corolux.events import BATCH_ENDS, SCOPE_STAGES, STEP_STAGES, Stage
 
 __all__ = [
     "compute_loss",
@@ -276,6 +279,8 @@ def _phase(
     # DDP: the gradients of a batch that only accumulates are not all-reduced (no_sync's flag;
     # the model reads it in its forward); the batch that steps reduces the window's sum.
     ddp = ctx.model if training and isinstance(ctx.model, DistributedDataParallel) else None
+    flat = _flat(ctx, step, pass_over)
+    flat_name, flat_opt = next(iter(ctx.optimizers.items()), (None, None))
     yield_begin = batch_begin not in pass_over
     yield_end = batch_end not in pass_over
     exhausted = between = False
@@ -325,7 +330,52 @@ def _phase(
                         yield batch_begin
                     if signals.pending:
                         yield from _attend(ctx)
-                    if not ctx.skipped:
+                    if ctx.skipped:
+                        pass
+                    # The default steps with no handler inside the batch (fit(), evaluate(),
+                    # predict() without such callbacks): their bodies without their generators,
+                    # the same calls in the same order, ctx.stage and Ctrl-C as at their stages.
+                    # (Only a Ctrl-C can be pending inside: no handler ran to queue anything.)
+                    elif flat is train_step:
+                        ctx.opt_name, ctx.opt = flat_name, flat_opt
+                        ctx.pred = forward(ctx)
+                        ctx.stage = TRAIN_AFTER_PRED
+                        if signals.pending:
+                            yield from _attend(ctx)
+                        ctx.loss = compute_loss(ctx)
+                        ctx.stage = TRAIN_AFTER_LOSS
+                        if signals.pending:
+                            yield from _attend(ctx)
+                        ctx.stage = TRAIN_BEFORE_BACKWARD
+                        if signals.pending:
+                            yield from _attend(ctx)
+                        ctx.backward(ctx.loss)
+                        if ctx.accumulate_steps == 1 or not ctx.accumulating:
+                            ctx.stage = TRAIN_BEFORE_STEP
+                            if signals.pending:
+                                yield from _attend(ctx)
+                            ctx.step_optimizer(flat_opt)
+                            ctx.step = count = ctx.step + 1
+                            if max_steps is not None and count >= max_steps and not ctx.is_last_batch:
+                                ctx.stop_training("max_steps")
+                            ctx.stage = TRAIN_AFTER_STEP
+                            if signals.pending:
+                                yield from _attend(ctx)
+                    elif flat is valid_step:
+                        ctx.pred = forward(ctx)
+                        ctx.stage = VALID_AFTER_PRED
+                        if signals.pending:
+                            yield from _attend(ctx)
+                        ctx.loss = compute_loss(ctx)
+                        ctx.stage = VALID_AFTER_LOSS
+                        if signals.pending:
+                            yield from _attend(ctx)
+                    elif flat is predict_step:
+                        ctx.pred = forward(ctx)
+                        ctx.stage = PREDICT_AFTER_PRED
+                        if signals.pending:
+                            yield from _attend(ctx)
+                    else:
                         stages = step(ctx)
                         for stage in stages:
                             if stage is TRAIN_AFTER_STEP:  # ctx.step counts here (and in _step_open_window)
@@ -384,6 +434,14 @@ def _phase(
             if ddp is not None:
                 ddp.require_backward_grad_sync = True
         yield from _end_phase(ctx, end, outputs, last)
+
+
+def _flat(ctx: Context, step: Step, pass_over: Container[str]) -> Step | None:
+    """``step`` when it is a default step that the loop may run without its generator (with
+    one optimizer for training) because none of its stages is listened to, else None."""
+    if step is train_step and len(ctx.optimizers) != 1 or step not in (train_step, valid_step, predict_step):
+        return None
+    return step if all(stage in pass_over for stage in STEP_STAGES[ctx.phase]) else None
 
 
 def _timed(batches: Iterator[Any], timing: dict[str, float], key: str) -> Iterator[Any]:
