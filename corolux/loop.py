@@ -280,6 +280,7 @@ def _phase(
     # the model reads it in its forward); the batch that steps reduces the window's sum.
     ddp = ctx.model if training and isinstance(ctx.model, DistributedDataParallel) else None
     flat = _flat(ctx, step, pass_over)
+    after_pred, after_loss = _PRED_LOSS[phase]
     flat_name, flat_opt = next(iter(ctx.optimizers.items()), (None, None))
     yield_begin = batch_begin not in pass_over
     yield_end = batch_end not in pass_over
@@ -336,45 +337,34 @@ def _phase(
                     # predict() without such callbacks): their bodies without their generators,
                     # the same calls in the same order, ctx.stage and Ctrl-C as at their stages.
                     # (Only a Ctrl-C can be pending inside: no handler ran to queue anything.)
-                    elif flat is train_step:
-                        ctx.opt_name, ctx.opt = flat_name, flat_opt
+                    elif flat is not None:
+                        if training:
+                            ctx.opt_name, ctx.opt = flat_name, flat_opt
                         ctx.pred = forward(ctx)
-                        ctx.stage = TRAIN_AFTER_PRED
+                        ctx.stage = after_pred
                         if signals.pending:
                             yield from _attend(ctx)
-                        ctx.loss = compute_loss(ctx)
-                        ctx.stage = TRAIN_AFTER_LOSS
-                        if signals.pending:
-                            yield from _attend(ctx)
-                        ctx.stage = TRAIN_BEFORE_BACKWARD
-                        if signals.pending:
-                            yield from _attend(ctx)
-                        ctx.backward(ctx.loss)
-                        if ctx.accumulate_steps == 1 or not ctx.accumulating:
-                            ctx.stage = TRAIN_BEFORE_STEP
+                        if after_loss is not None:
+                            ctx.loss = compute_loss(ctx)
+                            ctx.stage = after_loss
                             if signals.pending:
                                 yield from _attend(ctx)
-                            ctx.step_optimizer(flat_opt)
-                            ctx.step = count = ctx.step + 1
-                            if max_steps is not None and count >= max_steps and not ctx.is_last_batch:
-                                ctx.stop_training("max_steps")
-                            ctx.stage = TRAIN_AFTER_STEP
+                        if training:
+                            ctx.stage = TRAIN_BEFORE_BACKWARD
                             if signals.pending:
                                 yield from _attend(ctx)
-                    elif flat is valid_step:
-                        ctx.pred = forward(ctx)
-                        ctx.stage = VALID_AFTER_PRED
-                        if signals.pending:
-                            yield from _attend(ctx)
-                        ctx.loss = compute_loss(ctx)
-                        ctx.stage = VALID_AFTER_LOSS
-                        if signals.pending:
-                            yield from _attend(ctx)
-                    elif flat is predict_step:
-                        ctx.pred = forward(ctx)
-                        ctx.stage = PREDICT_AFTER_PRED
-                        if signals.pending:
-                            yield from _attend(ctx)
+                            ctx.backward(ctx.loss)
+                            if ctx.accumulate_steps == 1 or not ctx.accumulating:
+                                ctx.stage = TRAIN_BEFORE_STEP
+                                if signals.pending:
+                                    yield from _attend(ctx)
+                                ctx.step_optimizer(flat_opt)
+                                ctx.step = count = ctx.step + 1
+                                if max_steps is not None and count >= max_steps and not ctx.is_last_batch:
+                                    ctx.stop_training("max_steps")
+                                ctx.stage = TRAIN_AFTER_STEP
+                                if signals.pending:
+                                    yield from _attend(ctx)
                     else:
                         stages = step(ctx)
                         for stage in stages:
@@ -434,6 +424,14 @@ def _phase(
             if ddp is not None:
                 ddp.require_backward_grad_sync = True
         yield from _end_phase(ctx, end, outputs, last)
+
+
+# The stages after the forward and after the loss in each phase's default step.
+_PRED_LOSS = {
+    "train": (TRAIN_AFTER_PRED, TRAIN_AFTER_LOSS),
+    "valid": (VALID_AFTER_PRED, VALID_AFTER_LOSS),
+    "predict": (PREDICT_AFTER_PRED, None),
+}
 
 
 def _flat(ctx: Context, step: Step, pass_over: Container[str]) -> Step | None:

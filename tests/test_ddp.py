@@ -24,18 +24,18 @@ def torchrun(out: Path, mode: str, nproc: int = 2, timeout: float = 120) -> subp
     )
 
 
-@pytest.fixture(scope="module")
-def single(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("single") / "run"
+def alone(out: Path, mode: str) -> dict:
+    """Run the child in one process (no torchrun) and load what it wrote."""
     proc = subprocess.run(
-        [sys.executable, str(CHILD), str(out), "single"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
+        [sys.executable, str(CHILD), str(out), mode], capture_output=True, text=True, timeout=120, cwd=ROOT
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(f"{out}-0.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> dict:
+    return alone(tmp_path_factory.mktemp("single") / "run", "single")
 
 
 def test_two_processes_train_as_one_on_the_global_batch(tmp_path, single):
@@ -132,12 +132,7 @@ def test_an_error_on_one_rank_ends_the_job_with_it_shown_and_no_hang(tmp_path):
 
 
 def test_accumulation_reduces_only_at_optimizer_steps_and_trains_as_one_process(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(CHILD), str(tmp_path / "one"), "single-accumulate"],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    single = torch.load(tmp_path / "one-0.pt", weights_only=True)
+    single = alone(tmp_path / "one", "single-accumulate")
     proc = torchrun(tmp_path / "run", "accumulate")
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [torch.load(tmp_path / f"run-{r}.pt", weights_only=True) for r in (0, 1)]
@@ -169,12 +164,7 @@ def test_a_killed_ddp_run_resumes_under_ddp_bit_identically_and_in_one_process(t
     assert not (tmp_path / "run.resume.pt").exists()
     # the same checkpoint continued in one process on the global batch (saved inside epoch 2):
     # the weights within 1e-5, and the epoch's metrics exact (both ranks' sums combined)
-    proc = subprocess.run(
-        [sys.executable, str(CHILD), str(tmp_path / "one"), "single-resume"],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    one = torch.load(tmp_path / "one-0.pt", weights_only=True)
+    one = alone(tmp_path / "one", "single-resume")
     for key, value in single["model"].items():
         assert torch.allclose(one["model"][key], value, atol=1e-5), key
     for name, values in single["history"].items():
