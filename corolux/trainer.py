@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from corolux import checkpoint, distributed, loop
+from corolux import checkpoint, compiling, distributed, loop
 from corolux._suggest import did_you_mean
 from corolux.arguments import (
     OptimizerSpec,
@@ -69,6 +69,17 @@ class Trainer:
             ``trainer.model`` stays yours), the data sharded, the metrics reduced.
         ddp_timeout: seconds a process waits for the others in a collective before failing
             (a rank that failed or was killed ends the others' run within it).
+        compile: False (eager), True (``torch.compile`` the model's forward with its default
+            options), or a dict of ``torch.compile``'s keyword arguments, e.g.
+            ``{"mode": "max-autotune"}``, ``{"fullgraph": True}``, ``{"backend": "aot_eager"}``.
+            Only the forward is compiled (the loop, callbacks, loss and optimizer step stay
+            eager: no corolux code is traced); it is installed on the model while a run is
+            open, so the default and custom steps calling ``ctx.model(x)`` get it, and
+            ``trainer.model``/``ctx.model`` stay your module with an unprefixed
+            ``state_dict()``. Compiled once per trainer; train and eval mode get a graph each,
+            and a partial last batch one more (dynamic); count them with
+            ``corolux.compiling.compile_counts()`` or ``Profile``. A model you compiled
+            yourself (``torch.compile(model)``) works with ``compile=False``.
 
     Example:
         >>> import torch, corolux
@@ -116,6 +127,7 @@ class Trainer:
         hparams: Mapping[str, Any] | None = None,
         strategy: str | None = None,
         ddp_timeout: float = 1800.0,
+        compile: bool | Mapping[str, Any] = False,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -127,6 +139,7 @@ class Trainer:
             raise TypeError(f"progress must be True, False or None (auto), got {progress!r}")
         if not isinstance(ddp_timeout, (int, float)) or isinstance(ddp_timeout, bool) or ddp_timeout <= 0:
             raise ValueError(f"ddp_timeout must be a number of seconds > 0, got {ddp_timeout!r}")
+        compile_options = compiling.options(compile, model)
         #: The process group this trainer trains in (None for a single process).
         self.distributed = distributed.join(strategy, device, float(ddp_timeout))
         if self.distributed is not None:
@@ -136,12 +149,16 @@ class Trainer:
         # DistributedDataParallel over the model (its construction gives every rank rank 0's
         # weights); fit's steps call it, so that the gradients are averaged over the ranks.
         self._ddp_model = None if self.distributed is None else distributed.wrap(self.model, self.device)
+        # The compiled forward every run installs on self.model (built once: a second run
+        # reuses dynamo's graphs); under DDP the wrapper's forward calls it (corolux.compiling).
+        self._compiled = (
+            None if compile_options is None else compiling.compile_forward(self.model, compile_options)
+        )
         self.loss_fn = check_loss_fn(loss_fn)
         if isinstance(loss_fn, torch.nn.Module):  # a loss with parameters or buffers (e.g. class weights)
             loss_fn.to(self.device)
-        self.optimizers = resolve_optimizers(
-            optimizer, self.model, extra=loss_fn.parameters() if isinstance(loss_fn, torch.nn.Module) else ()
-        )
+        extra = loss_fn.parameters() if isinstance(loss_fn, torch.nn.Module) else ()
+        self.optimizers = resolve_optimizers(optimizer, checkpoint.unwrap(self.model), extra=extra)
         #: The precision of the steps: autocast, and the GradScaler of "16-mixed".
         self.precision = Precision(precision, self.device)
         self.scaler = self.precision.scaler
@@ -607,7 +624,8 @@ class Trainer:
         consumer: bool = True,
         finished: Callable[[Context], None] | None = None,
     ) -> Generator[Event, None, None]:
-        gen = driver.start(make_loop, consumer=consumer, finished=finished)
+        scope = None if self._compiled is None else compiling.installed(self.model, self._compiled)
+        gen = driver.start(make_loop, consumer=consumer, finished=finished, scope=scope)
         self._open_run = weakref.ref(gen)
         self._open_driver = weakref.ref(driver)
         return gen
