@@ -32,7 +32,7 @@ import torch
 
 from corolux._suggest import did_you_mean
 
-__all__ = ["CompileCounts", "compile_counts", "compile_forward", "installed", "options"]
+__all__ = ["CompileCounts", "CompiledForward", "compile_counts", "compile_forward", "installed", "options"]
 
 # torch.compile's keyword arguments (mode, dynamic, fullgraph, backend, options, ...), read
 # from the torch installed, so that what it accepts is what compile={...} accepts.
@@ -111,19 +111,46 @@ def options(compile: bool | Mapping[str, Any], model: torch.nn.Module) -> dict[s
 # -- the compiled forward ----------------------------------------------------------------------
 
 
-def compile_forward(module: torch.nn.Module, kwargs: Mapping[str, Any]) -> Callable[..., Any]:
-    """``torch.compile(module.forward, **kwargs)``: the function a run installs (nothing is
-    compiled until its first call). The forward is the module's own (an instance attribute
-    the user set, or the class's), never one a run has installed."""
-    forward = module.__dict__.get("forward")
-    if isinstance(forward, _Installed):
+class CompiledForward:
+    """A module's forward under ``torch.compile`` (what ``compile_forward`` returns and a run
+    installs); nothing is compiled until its first call."""
+
+    __slots__ = ("function", "options")
+
+    def __init__(self, function: Callable[..., Any], options: Mapping[str, Any]) -> None:
+        self.function = function
+        self.options = dict(options)
+
+    def failure_note(self) -> str:
+        """The note a compiler failure gets: what failed, and the fix."""
+        backend = self.options.get("backend") or "inductor"
+        if backend == "inductor":
+            need = (
+                "torch.compile's default backend, inductor, generates code: on the CPU it needs a "
+                "working C++ compiler (install g++ or clang, or set CXX), on a GPU triton; "
+            )
+        else:
+            need = f"the backend {backend!r} failed (see the error above); "
+        given = self.options or True
+        return f"corolux: Trainer(compile={given!r}) could not compile the model's forward: {need}{_FIX}"
+
+    def __repr__(self) -> str:
+        return f"CompiledForward({self.options!r})"
+
+
+def compile_forward(module: torch.nn.Module, kwargs: Mapping[str, Any]) -> CompiledForward:
+    """``torch.compile(module.forward, **kwargs)``, for ``installed``. The forward is the
+    module's own (an instance attribute the user set, or the class's), never one a run has
+    installed. ``torch.compile``'s errors (an unknown mode or backend) are raised here."""
+    forward = module.__dict__.get("forward", _MISSING)
+    while isinstance(forward, _Installed):
         forward = forward.previous
-    if forward is None or forward is _MISSING:
+    if forward is _MISSING:
         forward = type(module).forward.__get__(module)
     try:
-        return torch.compile(forward, **kwargs)
-    except Exception as exc:  # torch's own check of the options (mode, backend, ...)
-        exc.add_note(f"in corolux.Trainer(compile={dict(kwargs)!r})")
+        return CompiledForward(torch.compile(forward, **kwargs), kwargs)
+    except Exception as exc:  # torch's own checks of the options
+        exc.add_note(f"in corolux.Trainer(compile={dict(kwargs) or True!r})")
         raise
 
 
@@ -137,25 +164,22 @@ class _Installed:
     a copy never calls into the original module's compiled code.
     """
 
-    __slots__ = ("active", "compiled", "module", "previous")
+    __slots__ = ("active", "compiled", "function", "module", "previous")
 
-    def __init__(self, module: torch.nn.Module, compiled: Callable[..., Any], previous: Any) -> None:
+    def __init__(self, module: torch.nn.Module, compiled: CompiledForward, previous: Any) -> None:
         self.module = module
         self.compiled = compiled
+        self.function = compiled.function
         self.previous = previous  # the instance attribute it replaced (_MISSING: none)
         self.active = True
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         __tracebackhide__ = True
         try:
-            return self.compiled(*args, **kwargs)
-        except Exception as exc:
+            return self.function(*args, **kwargs)
+        except Exception as exc:  # (free when nothing is raised)
             if isinstance(exc, torch._dynamo.exc.BackendCompilerFailed):
-                exc.add_note(
-                    "corolux: Trainer(compile=...) could not compile the model's forward: on the "
-                    "CPU, torch.compile's default backend (inductor) needs a working C++ compiler "
-                    f"(install g++ or clang, or set CXX); on a GPU, triton; or {_FIX}"
-                )
+                exc.add_note(self.compiled.failure_note())
             raise
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -168,7 +192,7 @@ def _plain_forward(module: torch.nn.Module) -> Callable[..., Any]:
 
 
 @contextlib.contextmanager
-def installed(module: torch.nn.Module, compiled: Callable[..., Any]) -> Iterator[None]:
+def installed(module: torch.nn.Module, compiled: CompiledForward) -> Iterator[None]:
     """Make ``compiled`` the forward of ``module`` for the block; afterwards the module is as
     it was (no instance ``forward``, or the one it had).
 
@@ -202,18 +226,16 @@ class CompileCounts:
     (``torch._dynamo.utils.counters``); subtract two readings for what happened in between.
 
     Attributes:
-        compilations: graphs compiled (``counters["stats"]["unique_graphs"]``): one per frame
-            dynamo compiled, first compilation or recompilation, plus one per graph break
-            within a frame.
-        frames: Python frames dynamo converted (``counters["frames"]["ok"]``); under DDP, the
-            frames dynamo's ``DDPOptimizer`` compiles are not counted here (graphs are).
+        compilations: graphs compiled (``counters["stats"]["unique_graphs"]``): one per
+            function dynamo compiled, first compilation or recompilation, plus one per graph
+            break in it. (Dynamo's count of frames, ``counters["frames"]``, is not used: it
+            misses the compilations of ``fullgraph=True`` and of DDP's graph splitting.)
         recompiles: compilations of a frame that was compiled before, because its guards
             failed (a new batch size, train/eval mode, grad mode...).
         graph_breaks: graph breaks (``counters["graph_break"]``, every reason).
     """
 
     compilations: int = 0
-    frames: int = 0
     recompiles: int = 0
     graph_breaks: int = 0
     _per_frame: Mapping[Any, int] = dataclasses.field(default_factory=dict, repr=False, compare=False)
@@ -222,7 +244,6 @@ class CompileCounts:
         """Both counts together (e.g. a phase's over several epochs)."""
         return CompileCounts(
             compilations=self.compilations + other.compilations,
-            frames=self.frames + other.frames,
             recompiles=self.recompiles + other.recompiles,
             graph_breaks=self.graph_breaks + other.graph_breaks,
         )
@@ -233,7 +254,6 @@ class CompileCounts:
         recompiles = sum(max(0, n - max(before._per_frame.get(k, 0), 1)) for k, n in per_frame.items())
         return CompileCounts(
             compilations=max(0, self.compilations - before.compilations),
-            frames=max(0, self.frames - before.frames),
             recompiles=recompiles,
             graph_breaks=max(0, self.graph_breaks - before.graph_breaks),
         )
@@ -247,7 +267,7 @@ def compile_counts() -> CompileCounts:
         >>> before = compile_counts()
         >>> trainer.fit(data, epochs=3, valid_data=valid)              # doctest: +SKIP
         >>> compile_counts() - before                                  # doctest: +SKIP
-        CompileCounts(compilations=3, frames=3, recompiles=2, graph_breaks=0)
+        CompileCounts(compilations=3, recompiles=2, graph_breaks=0)
     """
     if "torch._dynamo" not in sys.modules:  # nothing can have been compiled (and reading costs no import)
         return CompileCounts()
@@ -256,7 +276,6 @@ def compile_counts() -> CompileCounts:
     per_frame: Mapping[Any, int] = dict(getattr(torch._dynamo.convert_frame, "FRAME_COMPILE_COUNTER", {}))
     return CompileCounts(
         compilations=int(counters["stats"].get("unique_graphs", 0)),
-        frames=int(counters["frames"].get("ok", 0)),
         recompiles=sum(max(0, n - 1) for n in per_frame.values()),
         graph_breaks=int(sum(counters["graph_break"].values())),
         _per_frame=per_frame,

@@ -151,7 +151,7 @@ class Trainer:
         self._ddp_model = None if self.distributed is None else distributed.wrap(self.model, self.device)
         # The compiled forward every run installs on self.model (built once: a second run
         # reuses dynamo's graphs); under DDP the wrapper's forward calls it (corolux.compiling).
-        self._compiled = (
+        self._compiled: compiling.CompiledForward | None = (
             None if compile_options is None else compiling.compile_forward(self.model, compile_options)
         )
         self.loss_fn = check_loss_fn(loss_fn)
