@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -32,7 +33,19 @@ import torch
 
 from corolux._suggest import did_you_mean
 
-__all__ = ["CompileCounts", "CompiledForward", "compile_counts", "compile_forward", "installed", "options"]
+__all__ = [
+    "CompileCounts",
+    "CompileOptions",
+    "CompiledForward",
+    "check_listeners",
+    "compile_counts",
+    "compile_forward",
+    "compile_function",
+    "fused_steps",
+    "installed",
+    "options",
+    "run_scope",
+]
 
 # torch.compile's keyword arguments (mode, dynamic, fullgraph, backend, options, ...), read
 # from the torch installed, so that what it accepts is what compile={...} accepts.
@@ -48,17 +61,36 @@ _FIX = (
 )
 
 
-def options(compile: bool | Mapping[str, Any], model: torch.nn.Module) -> dict[str, Any] | None:
-    """Check ``Trainer(compile=...)``: None for ``False``, else the keyword arguments for
-    ``torch.compile`` (``{}`` for ``True``).
+STEP = "step"  # compile="step": the forward and the loss as one graph
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileOptions:
+    """What ``Trainer(compile=...)`` asks for: ``torch.compile``'s keyword arguments, and
+    whether the default steps compile their forward and loss as one graph (``"step"``)
+    rather than the model's forward alone."""
+
+    kwargs: Mapping[str, Any]
+    step: bool = False
+    given: Any = True  # the argument as given (for messages)
+
+    @property
+    def backend(self) -> Any:
+        return self.kwargs.get("backend") or "inductor"
+
+
+def options(compile: bool | str | Mapping[str, Any], model: torch.nn.Module) -> CompileOptions | None:
+    """Check ``Trainer(compile=...)``: None for ``False``; else what to compile, with which
+    ``torch.compile`` arguments. ``True`` is the forward with torch's defaults, a dict gives
+    the arguments (its key ``"step": True`` compiles the step, as ``"step"`` does).
 
     Raises:
-        TypeError: ``compile`` is not a bool or a dict.
+        TypeError: ``compile`` is not a bool, ``"step"`` or a dict.
         ValueError: a key ``torch.compile`` does not take, or a model that is compiled already.
         RuntimeError: ``torch.compile`` does not work on this Python or platform.
 
     Example:
-        >>> options({"mode": "max-autotune"}, torch.nn.Linear(2, 2))
+        >>> options({"mode": "max-autotune"}, torch.nn.Linear(2, 2)).kwargs
         {'mode': 'max-autotune'}
         >>> options({"fulgraph": True}, torch.nn.Linear(2, 2))
         Traceback (most recent call last):
@@ -68,22 +100,26 @@ def options(compile: bool | Mapping[str, Any], model: torch.nn.Module) -> dict[s
     """
     if compile is False:
         return None
-    if compile is True:
+    if compile is True or compile == STEP:
         kwargs: dict[str, Any] = {}
+        step = compile == STEP
     elif isinstance(compile, Mapping):
         kwargs = dict(compile)
+        step = kwargs.pop(STEP, False)
+        if not isinstance(step, bool):
+            raise TypeError(f"compile={compile!r}: 'step' must be True or False, got {step!r}")
         for key in kwargs:
             if key not in COMPILE_KEYWORDS:
                 raise ValueError(
                     f"compile={compile!r}: torch.compile takes no argument {key!r};"
-                    f"{did_you_mean(str(key), COMPILE_KEYWORDS) or ''} it takes: "
-                    f"{', '.join(COMPILE_KEYWORDS)}"
+                    f"{did_you_mean(str(key), (*COMPILE_KEYWORDS, STEP)) or ''} it takes: "
+                    f"{', '.join(COMPILE_KEYWORDS)} (and corolux's 'step')"
                 )
     else:
         hint = f"compile={{'mode': {compile!r}}}" if isinstance(compile, str) else "compile=True"
         raise TypeError(
-            f"compile must be False, True or a dict of torch.compile's arguments, got {compile!r}; "
-            f"e.g. {hint}"
+            f"compile must be False, True, 'step' or a dict of torch.compile's arguments, got "
+            f"{compile!r}; e.g. {hint}"
         )
     import torch._dynamo
 
@@ -105,25 +141,25 @@ def options(compile: bool | Mapping[str, Any], model: torch.nn.Module) -> dict[s
             f"compile={compile!r}: the model was compiled in place (model.compile(), which compiles "
             "its hooks too); drop model.compile() and pass compile=True, or keep it and compile=False"
         )
-    return kwargs
+    return CompileOptions(kwargs, step, compile)
 
 
 # -- the compiled forward ----------------------------------------------------------------------
 
 
 class CompiledForward:
-    """A module's forward under ``torch.compile`` (what ``compile_forward`` returns and a run
-    installs); nothing is compiled until its first call."""
+    """A function under ``torch.compile`` (the model's forward a run installs, or the fused
+    forward and loss of ``compile="step"``); nothing is compiled until its first call."""
 
     __slots__ = ("function", "options")
 
-    def __init__(self, function: Callable[..., Any], options: Mapping[str, Any]) -> None:
+    def __init__(self, function: Callable[..., Any], options: CompileOptions) -> None:
         self.function = function
-        self.options = dict(options)
+        self.options = options
 
     def failure_note(self) -> str:
         """The note a compiler failure gets: what failed, and the fix."""
-        backend = self.options.get("backend") or "inductor"
+        backend = self.options.backend
         if backend == "inductor":
             need = (
                 "torch.compile's default backend, inductor, generates code: on the CPU it needs a "
@@ -131,27 +167,41 @@ class CompiledForward:
             )
         else:
             need = f"the backend {backend!r} failed (see the error above); "
-        given = self.options or True
-        return f"corolux: Trainer(compile={given!r}) could not compile the model's forward: {need}{_FIX}"
+        what = "step" if self.options.step else "model's forward"
+        return f"corolux: Trainer(compile={self.options.given!r}) could not compile the {what}: {need}{_FIX}"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        __tracebackhide__ = True
+        try:
+            return self.function(*args, **kwargs)
+        except Exception as exc:  # (free when nothing is raised)
+            if isinstance(exc, torch._dynamo.exc.BackendCompilerFailed):
+                exc.add_note(self.failure_note())
+            raise
 
     def __repr__(self) -> str:
-        return f"CompiledForward({self.options!r})"
+        return f"CompiledForward(compile={self.options.given!r})"
 
 
-def compile_forward(module: torch.nn.Module, kwargs: Mapping[str, Any]) -> CompiledForward:
-    """``torch.compile(module.forward, **kwargs)``, for ``installed``. The forward is the
-    module's own (an instance attribute the user set, or the class's), never one a run has
-    installed. ``torch.compile``'s errors (an unknown mode or backend) are raised here."""
+def compile_function(function: Callable[..., Any], options: CompileOptions) -> CompiledForward:
+    """``torch.compile(function, **options.kwargs)``; ``torch.compile``'s own errors (an
+    unknown mode or backend) are raised here, noted with the argument."""
+    try:
+        return CompiledForward(torch.compile(function, **options.kwargs), options)
+    except Exception as exc:
+        exc.add_note(f"in corolux.Trainer(compile={options.given!r})")
+        raise
+
+
+def compile_forward(module: torch.nn.Module, options: CompileOptions) -> CompiledForward:
+    """The module's forward compiled, for ``installed``: its own (an instance attribute the
+    user set, or the class's), never one a run has installed."""
     forward = module.__dict__.get("forward", _MISSING)
     while isinstance(forward, _Installed):
         forward = forward.previous
     if forward is _MISSING:
         forward = type(module).forward.__get__(module)
-    try:
-        return CompiledForward(torch.compile(forward, **kwargs), kwargs)
-    except Exception as exc:  # torch's own checks of the options
-        exc.add_note(f"in corolux.Trainer(compile={dict(kwargs) or True!r})")
-        raise
+    return compile_function(forward, options)
 
 
 _MISSING: Any = object()
@@ -164,23 +214,17 @@ class _Installed:
     a copy never calls into the original module's compiled code.
     """
 
-    __slots__ = ("active", "compiled", "function", "module", "previous")
+    __slots__ = ("active", "compiled", "module", "previous")
 
     def __init__(self, module: torch.nn.Module, compiled: CompiledForward, previous: Any) -> None:
         self.module = module
         self.compiled = compiled
-        self.function = compiled.function
         self.previous = previous  # the instance attribute it replaced (_MISSING: none)
         self.active = True
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         __tracebackhide__ = True
-        try:
-            return self.function(*args, **kwargs)
-        except Exception as exc:  # (free when nothing is raised)
-            if isinstance(exc, torch._dynamo.exc.BackendCompilerFailed):
-                exc.add_note(self.compiled.failure_note())
-            raise
+        return self.compiled(*args, **kwargs)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_plain_forward, (self.module,))
@@ -215,6 +259,69 @@ def installed(module: torch.nn.Module, compiled: CompiledForward) -> Iterator[No
                 del module.forward
             else:
                 module.forward = previous  # type: ignore[method-assign]
+
+
+def run_scope(
+    compiled: CompiledForward | None, module: torch.nn.Module, kind: str
+) -> contextlib.AbstractContextManager[None] | None:
+    """What a run of ``kind`` (``"fit"``, ``"evaluate"``, ``"predict"``) installs: the compiled
+    forward, if any (with ``compile="step"``, in ``predict()`` only: the steps of fit and
+    evaluate call their fused forward and loss)."""
+    if compiled is None or (compiled.options.step and kind != "predict"):
+        return None
+    return installed(module, compiled)
+
+
+# -- compile="step" ------------------------------------------------------------------------------
+
+_STEP_STAGES = ("on_train_batch_after_pred", "on_valid_batch_after_pred")
+
+
+def fused_steps(
+    options: CompileOptions,
+    forward_and_loss: Callable[[Any, Any], tuple[Any, Any]],
+    steps: Mapping[str, tuple[bool, Callable[..., Any]]],
+    *,
+    distributed: bool,
+) -> dict[str, Callable[..., Any]]:
+    """``compile="step"``: the default steps (``steps``: phase -> (custom, default step)),
+    each given the compiled ``forward_and_loss`` as ``fused``.
+
+    Raises:
+        ValueError: a custom step (whose forward and loss corolux does not see), or DDP
+            (whose forward would be traced).
+    """
+    custom = [f"{phase}_step" for phase, (is_custom, _) in steps.items() if is_custom]
+    if custom:
+        raise ValueError(
+            f"compile={options.given!r} compiles the forward and the loss of the default steps, but "
+            f"this trainer has its own {custom[0]}; pass compile=True: the ctx.model(x) calls of a "
+            "custom step get the compiled forward"
+        )
+    if distributed:
+        raise ValueError(
+            f"compile={options.given!r} is not available under DDP (DDP's own forward would be "
+            "traced); pass compile=True: DDP calls the compiled forward of your module"
+        )
+    fused = compile_function(forward_and_loss, options)
+    return {phase: functools.partial(default, fused=fused) for phase, (_, default) in steps.items()}
+
+
+def check_listeners(options: CompileOptions | None, slots: Mapping[str, Any]) -> None:
+    """``compile="step"`` computes ``ctx.pred`` and ``ctx.loss`` in one call: refuse a run whose
+    callbacks listen between them (``slots``: the driver's, stage -> its ``owners``)."""
+    if options is None or not options.step:
+        return
+    for stage in _STEP_STAGES:
+        owners = slots[stage].owners
+        if owners:
+            names = ", ".join(dict.fromkeys(getattr(o, "name", None) or type(o).__name__ for o in owners))
+            raise ValueError(
+                f"Trainer(compile={options.given!r}) computes the forward and the loss in one compiled "
+                f"call, so a change of ctx.pred at {stage!r} would not reach the loss, and {names} "
+                f"listen(s) there; pass compile=True (the forward alone), or let the callback work at "
+                f"{stage.replace('pred', 'loss')!r}"
+            )
 
 
 # -- counting ----------------------------------------------------------------------------------

@@ -80,6 +80,10 @@ class Trainer:
             and a partial last batch one more (dynamic); count them with
             ``corolux.compiling.compile_counts()`` or ``Profile``. A model you compiled
             yourself (``torch.compile(model)``) works with ``compile=False``.
+            ``"step"`` (or ``{"step": True, ...}``) compiles the default train and valid
+            steps' forward and loss as one graph (``corolux.loop.forward_and_loss``), which
+            a callback on ``on_train_batch_after_pred`` or ``on_valid_batch_after_pred``
+            could not change, so such a callback, a custom step or DDP is refused.
 
     Example:
         >>> import torch, corolux
@@ -127,7 +131,7 @@ class Trainer:
         hparams: Mapping[str, Any] | None = None,
         strategy: str | None = None,
         ddp_timeout: float = 1800.0,
-        compile: bool | Mapping[str, Any] = False,
+        compile: bool | str | Mapping[str, Any] = False,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -151,6 +155,8 @@ class Trainer:
         self._ddp_model = None if self.distributed is None else distributed.wrap(self.model, self.device)
         # The compiled forward every run installs on self.model (built once: a second run
         # reuses dynamo's graphs); under DDP the wrapper's forward calls it (corolux.compiling).
+        # With compile="step" only predict() runs install it (the steps fuse forward and loss).
+        self._compile = compile_options
         self._compiled: compiling.CompiledForward | None = (
             None if compile_options is None else compiling.compile_forward(self.model, compile_options)
         )
@@ -182,6 +188,15 @@ class Trainer:
             "valid": self._resolve_step(valid_step, "valid_step", loop.valid_step),
             "predict": self._resolve_step(predict_step, "predict_step", loop.predict_step),
         }
+        if compile_options is not None and compile_options.step:  # forward and loss in one graph
+            defaults = {"train": loop.train_step, "valid": loop.valid_step}
+            fused = compiling.fused_steps(
+                compile_options,
+                loop.forward_and_loss(self.model, self.loss_fn),
+                {phase: (self._steps[phase][1], step) for phase, step in defaults.items()},
+                distributed=self.distributed is not None,
+            )
+            self._steps.update((phase, (step, False)) for phase, step in fused.items())
         self.all_stages = frozenset(Stage) | frozenset(self.stages)
         #: The history of the latest fit/run.
         self.history = History()
@@ -410,6 +425,7 @@ class Trainer:
         if self.distributed is not None:
             defaults.append(distributed.AgreeOnStop())
         driver = Driver(ctx, self._callbacks(defaults, callbacks), self.all_stages)
+        compiling.check_listeners(self._compile, driver.slots)
         self.history = ctx.history
         train, valid = self._steps["train"][0], self._steps["valid"][0]
         allowed = {"train": self._allowed("train"), "valid": self._allowed("valid")}
@@ -544,6 +560,7 @@ class Trainer:
         valid_metrics = self.valid_metrics if metrics is None else check_metrics(metrics, "metrics")
         defaults = [MetricsTracker((), valid_metrics), ProgressBar()]
         driver = Driver(ctx, self._callbacks(defaults, callbacks), self.all_stages)
+        compiling.check_listeners(self._compile, driver.slots)
         step, allowed = self._steps["valid"][0], self._allowed("valid")
         return driver, lambda pass_over: loop.evaluate_loop(ctx, ctx.valid_data, step, allowed, pass_over)
 
@@ -624,7 +641,7 @@ class Trainer:
         consumer: bool = True,
         finished: Callable[[Context], None] | None = None,
     ) -> Generator[Event, None, None]:
-        scope = None if self._compiled is None else compiling.installed(self.model, self._compiled)
+        scope = compiling.run_scope(self._compiled, self.model, driver.ctx.kind)
         gen = driver.start(make_loop, consumer=consumer, finished=finished, scope=scope)
         self._open_run = weakref.ref(gen)
         self._open_driver = weakref.ref(driver)

@@ -77,7 +77,7 @@ def net(seed: int = 0, cls: type[Net] = Net, hidden: int = 32) -> Net:
 
 
 def test_compile_must_be_a_bool_or_a_dict_of_torch_compile_arguments():
-    expected = r"compile must be False, True or a dict.*compile=\{'mode': 'max-autotune'\}"
+    expected = r"compile must be False, True, 'step' or a dict.*compile=\{'mode': 'max-autotune'\}"
     with pytest.raises(TypeError, match=expected):
         trainer(Net(), compile="max-autotune")
     with pytest.raises(ValueError, match="no argument 'fulgraph'; did you mean 'fullgraph'?"):
@@ -114,7 +114,8 @@ def test_a_compiler_failure_names_the_backend_and_the_fix_and_leaves_the_model_a
     note = next(n for n in info.value.__notes__ if n.startswith("corolux:"))
     assert "could not compile the model's forward" in note and "compile=False" in note
     assert "forward" not in model.__dict__
-    assert "C++ compiler" in corolux.compiling.CompiledForward(print, {}).failure_note()  # inductor's
+    default = corolux.compiling.options(True, Net())
+    assert "C++ compiler" in corolux.compiling.CompiledForward(print, default).failure_note()  # inductor's
 
 
 # -- a compiled run, against the same run eager -----------------------------------------------------
@@ -380,3 +381,68 @@ def test_digits_compiled_by_inductor_train_as_eager_and_checkpoints_round_trip(t
     assert again.evaluate(valid, batch_size=64) == pytest.approx(results, abs=1e-5)
     for key, value in compiled.model.state_dict().items():
         assert torch.equal(again.model.state_dict()[key], value), key
+
+
+# -- compile="step": the forward and the loss as one graph ------------------------------------------
+
+
+def recorder(graphs):
+    """A backend that keeps the graphs dynamo hands it and runs them as they are."""
+
+    def backend(graph, inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    return backend
+
+
+def has_loss(graph) -> bool:
+    return any("cross_entropy" in str(node.target) for node in graph.graph.nodes)
+
+
+def test_compile_step_compiles_forward_and_loss_as_one_graph_and_trains_as_eager():
+    train, valid = splits()
+    kwargs = {"epochs": 2, "valid_data": valid, "batch_size": 64}
+    eager = trainer(net(seed=3)).fit(train, **kwargs)
+    torch._dynamo.reset()
+    forward_only: list = []
+    trainer(net(seed=3, hidden=20), compile={"backend": recorder(forward_only)}).fit(train, **kwargs)
+    assert forward_only and not any(has_loss(g) for g in forward_only)  # compile=True: the forward alone
+    graphs: list = []
+    profile = Profile()
+    fused = trainer(net(seed=3), compile={"step": True, "backend": recorder(graphs)})
+    history = fused.fit(train, **kwargs, callbacks=[profile])
+    assert graphs and all(has_loss(g) for g in graphs)  # every graph holds the loss
+    summary = profile.summary()
+    assert 1 <= summary["train"]["compilations"] <= 2 and 1 <= summary["valid"]["compilations"] <= 2
+    for name, values in eager.to_dict().items():
+        assert history[name] == pytest.approx(values, abs=1e-6), name
+    before = len(graphs)
+    predictions = fused.predict(valid[0], batch_size=64)  # the forward alone, compiled
+    assert len(graphs) > before and not has_loss(graphs[-1])
+    with torch.no_grad():
+        assert torch.allclose(predictions, fused.model(valid[0]), atol=1e-6)
+    assert "forward" not in vars(fused.model)
+
+
+class AtPred(corolux.Callback):
+    def on_train_batch_after_pred(self, ctx):
+        ctx.pred = ctx.pred * 2
+
+
+def test_compile_step_refuses_what_listens_between_forward_and_loss_and_custom_steps():
+    train, valid = splits()
+    fused = trainer(Net(), compile="step")
+    with pytest.raises(ValueError, match=r"'on_train_batch_after_pred'.*AtPred listen\(s\).*compile=True"):
+        fused.fit(train, callbacks=[AtPred()])
+    at_valid = corolux.callback("at_valid", on_valid_batch_after_pred=lambda self, ctx: None)
+    with pytest.raises(ValueError, match="'on_valid_batch_after_pred'"):
+        fused.evaluate(valid, callbacks=[at_valid()])
+
+    def train_step(ctx):
+        yield from corolux.loop.train_step(ctx)
+
+    with pytest.raises(ValueError, match="has its own train_step; pass compile=True"):
+        trainer(Net(), compile="step", train_step=train_step)
+    with pytest.raises(TypeError, match="'step' must be True or False"):
+        trainer(Net(), compile={"step": "yes"})
