@@ -17,6 +17,13 @@ the graph at the gradient buckets just as for ``torch.compile(ddp_model)`` (it l
 DDP module whose forward is running), while DDP's own Python (its reducer's bookkeeping, which
 dynamo cannot trace: a graph break under ``fullgraph=True``) stays outside the compiled region;
 ``evaluate()`` and ``predict()``, which call the module itself, use the same compiled function.
+
+``compile="step"`` compiles more: the default train and valid steps call
+``corolux.loop.forward_and_loss`` compiled (the forward and the loss, one graph), so no callback
+may listen between the two (``check_listeners``); ``predict()`` installs the forward as above.
+
+The counters: ``compile_counts()`` reads dynamo's own (``torch._dynamo.utils.counters``) into a
+``CompileCounts``; two readings subtract (``Profile`` does so per phase).
 """
 
 from __future__ import annotations
