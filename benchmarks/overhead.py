@@ -44,9 +44,11 @@ Further parts (``--parts``, all by default), on the same samples joined into two
   compiled  MLP, the list of batches (issue 18): ``Trainer(compile=True).fit(list)`` against
             a hand loop over ``torch.compile(model)`` (inductor), beside the eager (a) and
             (b) in the same repetitions: the compiled overhead (bc) - (ac) against the eager
-            one (b) - (a). The warm-up repetition compiles (seconds); none after it does
-            (counted with ``corolux.compiling.compile_counts()``); both compiled loops must
-            end with the same weights, bit for bit.
+            one (b) - (a); and a hand loop over ``model.forward = torch.compile(model.forward)``
+            (af), what corolux installs, to tell its cost from the ``OptimizedModule``'s. The
+            warm-up repetition compiles (seconds); none after it does (counted with
+            ``corolux.compiling.compile_counts()``); the compiled loops must end with the same
+            weights, bit for bit.
   startup   fresh processes (``python -c``), median of 7 rounds: the interpreter, ``import
             torch``, ``import corolux``, and a script that trains one batch by hand and with
             corolux; the same for Ignite and Lightning when they are importable. Times from
@@ -873,6 +875,13 @@ def variant_hand_compiled(model: torch.nn.Module, w: dict[str, Any]) -> Runner:
     return variant_hand(torch.compile(model), w)
 
 
+def variant_hand_compiled_forward(model: torch.nn.Module, w: dict[str, Any]) -> Runner:
+    """(a) with ``model.forward = torch.compile(model.forward)``: what ``compile=True`` installs
+    (the module's hooks outside the compiled code, no ``OptimizedModule`` in between)."""
+    model.forward = torch.compile(model.forward)  # type: ignore[method-assign]
+    return variant_hand(model, w)
+
+
 def variant_corolux_compiled(model: torch.nn.Module, w: dict[str, Any]) -> Runner:
     """(b) with ``Trainer(compile=True)``: the trainer compiles the model's forward."""
     trainer = corolux.Trainer(
@@ -885,6 +894,10 @@ COMPILED: dict[str, tuple[str, Callable[[torch.nn.Module, dict[str, Any]], Runne
     "a": ("hand-written loop, eager", variant_hand),
     "b": ("corolux fit, eager", variant_corolux("plain")),
     "ac": ("hand-written loop over `torch.compile(model)`", variant_hand_compiled),
+    "af": (
+        "hand-written loop, `model.forward = torch.compile(model.forward)`",
+        variant_hand_compiled_forward,
+    ),
     "bc": ("corolux fit, `Trainer(compile=True)`", variant_corolux_compiled),
 }
 
@@ -904,6 +917,8 @@ def measure_compiled(n_batches: int, reps: int, warmup: int, seed: int = 0) -> d
     before = compile_counts()
     samples = interleave(runners, reps, max(warmup - 1, 0), n_batches)
     after = compile_counts() - before
+    for model in models.values():
+        model.__dict__.pop("forward", None)  # (af's compiled forward)
     states = {k: m.state_dict() for k, m in models.items()}
     result: dict[str, Any] = {
         "desc": w["desc"],
@@ -916,7 +931,7 @@ def measure_compiled(n_batches: int, reps: int, warmup: int, seed: int = 0) -> d
             k: {
                 "label": label,
                 "same_weights": all(
-                    torch.equal(states[k][n], states["ac" if k.endswith("c") else "a"][n]) for n in states[k]
+                    torch.equal(states[k][n], states["a" if k in ("a", "b") else "ac"][n]) for n in states[k]
                 ),
             }
             for k, (label, _) in COMPILED.items()
@@ -935,6 +950,10 @@ def measure_compiled(n_batches: int, reps: int, warmup: int, seed: int = 0) -> d
         result[f"{clock}_eager_added"] = {"median": statistics.median(eager), "ci": median_ci(eager)}
         result[f"{clock}_compiled_added"] = {"median": statistics.median(compiled), "ci": median_ci(compiled)}
         result[f"{clock}_compiled_minus_eager"] = paired(compiled, eager)
+        same = [b - a for a, b in zip(by_key["af"], by_key["bc"], strict=True)]
+        result[f"{clock}_compiled_over_forward"] = {"median": statistics.median(same), "ci": median_ci(same)}
+        cost = [a - b for a, b in zip(by_key["ac"], by_key["af"], strict=True)]
+        result[f"{clock}_optimized_module"] = {"median": statistics.median(cost), "ci": median_ci(cost)}
     return result
 
 
@@ -948,7 +967,7 @@ def print_compiled(result: dict[str, Any], out: Any = sys.stdout) -> None:
     print("| | variant | us/step | wall us/step | weights |", file=out)
     print("|---|---|---:|---:|---|", file=out)
     for k, r in result["rows"].items():
-        reference = "(ac)" if k.endswith("c") else "(a)"
+        reference = "(a)" if k in ("a", "b") else "(ac)"
         weights = "(reference)" if k in ("a", "ac") else ("same" if r["same_weights"] else "DIFFERENT")
         print(
             f"| {k} | {r['label']} | {r['cpu_us']:.1f} | {r['wall_us']:.1f} | {weights}"
@@ -959,7 +978,10 @@ def print_compiled(result: dict[str, Any], out: Any = sys.stdout) -> None:
         f"\nAdded by corolux, CPU time, medians of paired differences [95% CI]: eager (b) - (a) "
         f"{_ci(result['cpu_eager_added'], '+.2f')} us/step; compiled (bc) - (ac) "
         f"{_ci(result['cpu_compiled_added'], '+.2f')} us/step; compiled minus eager overhead "
-        f"{_ci(result['cpu_compiled_minus_eager'], '+.2f')} us/step. Compilations after the "
+        f"{_ci(result['cpu_compiled_minus_eager'], '+.2f')} us/step; (bc) - (af), over the same "
+        f"mechanism by hand: {_ci(result['cpu_compiled_over_forward'], '+.2f')} us/step, and "
+        f"(ac) - (af), what `torch.compile(model)`'s wrapper costs: "
+        f"{_ci(result['cpu_optimized_module'], '+.2f')} us/step. Compilations after the "
         f"warm-up: {result['compilations_after_warmup']}; compiled vs eager weights: max "
         f"difference {result['compiled_vs_eager_max_diff']:.1e} (inductor reorders float sums).",
         file=out,
