@@ -41,6 +41,14 @@ Further parts (``--parts``, all by default), on the same samples joined into two
             against hand slicing loops under ``torch.no_grad()``, and both over the list of
             batches against a hand ``no_grad`` loop over the list; us per batch, the outputs
             compared.
+  compiled  MLP, the list of batches (issue 18): ``Trainer(compile=True).fit(list)`` against
+            a hand loop over ``torch.compile(model)`` (inductor), beside the eager (a) and
+            (b) in the same repetitions: the compiled overhead (bc) - (ac) against the eager
+            one (b) - (a); and a hand loop over ``model.forward = torch.compile(model.forward)``
+            (af), what corolux installs, to tell its cost from the ``OptimizedModule``'s. The
+            warm-up repetition compiles (seconds); none after it does (counted with
+            ``corolux.compiling.compile_counts()``); the compiled loops must end with the same
+            weights, bit for bit.
   startup   fresh processes (``python -c``), median of 7 rounds: the interpreter, ``import
             torch``, ``import corolux``, and a script that trains one batch by hand and with
             corolux; the same for Ignite and Lightning when they are importable. Times from
@@ -62,6 +70,7 @@ Run:
     python benchmarks/overhead.py --quick            # ~1 min (half of it the start-up rows)
     python benchmarks/overhead.py --json out.json    # the full run, ~8 min
     python benchmarks/overhead.py --parts list       # rows a..g only
+    python benchmarks/overhead.py --parts compiled   # torch.compile rows, ~1 min (compiling: ~15 s)
 """
 
 from __future__ import annotations
@@ -858,6 +867,127 @@ def measure_eval(n_batches: int, reps: int, warmup: int, seed: int = 0) -> dict[
     }
 
 
+# -- compiled: Trainer(compile=True) against a hand loop over torch.compile(model) -------------
+
+
+def variant_hand_compiled(model: torch.nn.Module, w: dict[str, Any]) -> Runner:
+    """(a) over ``torch.compile(model)``: what PyTorch's docs show."""
+    return variant_hand(torch.compile(model), w)
+
+
+def variant_hand_compiled_forward(model: torch.nn.Module, w: dict[str, Any]) -> Runner:
+    """(a) with ``model.forward = torch.compile(model.forward)``: what ``compile=True`` installs
+    (the module's hooks outside the compiled code, no ``OptimizedModule`` in between)."""
+    model.forward = torch.compile(model.forward)  # type: ignore[method-assign]
+    return variant_hand(model, w)
+
+
+def variant_corolux_compiled(model: torch.nn.Module, w: dict[str, Any]) -> Runner:
+    """(b) with ``Trainer(compile=True)``: the trainer compiles the model's forward."""
+    trainer = corolux.Trainer(
+        model, loss_fn=w["loss_fn"], optimizer=w["opt"], device="cpu", progress=False, compile=True
+    )
+    return timed_runner(trainer, w["data"], "fit")
+
+
+COMPILED: dict[str, tuple[str, Callable[[torch.nn.Module, dict[str, Any]], Runner]]] = {
+    "a": ("hand-written loop, eager", variant_hand),
+    "b": ("corolux fit, eager", variant_corolux("plain")),
+    "ac": ("hand-written loop over `torch.compile(model)`", variant_hand_compiled),
+    "af": (
+        "hand-written loop, `model.forward = torch.compile(model.forward)`",
+        variant_hand_compiled_forward,
+    ),
+    "bc": ("corolux fit, `Trainer(compile=True)`", variant_corolux_compiled),
+}
+
+
+def measure_compiled(n_batches: int, reps: int, warmup: int, seed: int = 0) -> dict[str, Any]:
+    """The four ``COMPILED`` rows on the MLP, interleaved; the overheads (b) - (a) and (bc) -
+    (ac) and their difference, paired within a repetition."""
+    from corolux.compiling import compile_counts
+
+    w = make_workload("mlp", n_batches, seed)
+    models = {k: copy.deepcopy(w["model"]) for k in COMPILED}
+    runners = {k: build(models[k], w) for k, (_, build) in COMPILED.items()}
+    start = time.perf_counter()
+    for runner in runners.values():  # the warm-up: compiles (a fit over the whole list each)
+        runner()
+    compile_seconds = time.perf_counter() - start
+    before = compile_counts()
+    samples = interleave(runners, reps, max(warmup - 1, 0), n_batches)
+    after = compile_counts() - before
+    for model in models.values():
+        model.__dict__.pop("forward", None)  # (af's compiled forward)
+    states = {k: m.state_dict() for k, m in models.items()}
+    result: dict[str, Any] = {
+        "desc": w["desc"],
+        "batches": n_batches,
+        "reps": reps,
+        "warmup": max(warmup, 1),
+        "warmup_seconds": compile_seconds,
+        "compilations_after_warmup": after.compilations,
+        "rows": {
+            k: {
+                "label": label,
+                "same_weights": all(
+                    torch.equal(states[k][n], states["a" if k in ("a", "b") else "ac"][n]) for n in states[k]
+                ),
+            }
+            for k, (label, _) in COMPILED.items()
+        },
+        "compiled_vs_eager_max_diff": max(
+            (states["bc"][n] - states["b"][n]).abs().max().item()
+            for n in states["b"]  # sync-ok: once
+        ),
+    }
+    for clock, by_key in samples.items():
+        for k in COMPILED:
+            result["rows"][k][f"{clock}_us"] = statistics.median(by_key[k])
+            result["rows"][k][f"{clock}_samples"] = [round(v, 3) for v in by_key[k]]
+        eager = [b - a for a, b in zip(by_key["a"], by_key["b"], strict=True)]
+        compiled = [b - a for a, b in zip(by_key["ac"], by_key["bc"], strict=True)]
+        result[f"{clock}_eager_added"] = {"median": statistics.median(eager), "ci": median_ci(eager)}
+        result[f"{clock}_compiled_added"] = {"median": statistics.median(compiled), "ci": median_ci(compiled)}
+        result[f"{clock}_compiled_minus_eager"] = paired(compiled, eager)
+        same = [b - a for a, b in zip(by_key["af"], by_key["bc"], strict=True)]
+        result[f"{clock}_compiled_over_forward"] = {"median": statistics.median(same), "ci": median_ci(same)}
+        cost = [a - b for a, b in zip(by_key["ac"], by_key["af"], strict=True)]
+        result[f"{clock}_optimized_module"] = {"median": statistics.median(cost), "ci": median_ci(cost)}
+    return result
+
+
+def print_compiled(result: dict[str, Any], out: Any = sys.stdout) -> None:
+    print(
+        f"\n## torch.compile, {result['desc']}: {result['batches']} batches/epoch, median of "
+        f"{result['reps']} interleaved reps after {result['warmup']} warm-up (which compiled: "
+        f"{result['warmup_seconds']:.1f} s for all four rows)\n",
+        file=out,
+    )
+    print("| | variant | us/step | wall us/step | weights |", file=out)
+    print("|---|---|---:|---:|---|", file=out)
+    for k, r in result["rows"].items():
+        reference = "(a)" if k in ("a", "b") else "(ac)"
+        weights = "(reference)" if k in ("a", "ac") else ("same" if r["same_weights"] else "DIFFERENT")
+        print(
+            f"| {k} | {r['label']} | {r['cpu_us']:.1f} | {r['wall_us']:.1f} | {weights}"
+            f"{'' if k in ('a', 'ac') else ' as ' + reference} |",
+            file=out,
+        )
+    print(
+        f"\nAdded by corolux, CPU time, medians of paired differences [95% CI]: eager (b) - (a) "
+        f"{_ci(result['cpu_eager_added'], '+.2f')} us/step; compiled (bc) - (ac) "
+        f"{_ci(result['cpu_compiled_added'], '+.2f')} us/step; compiled minus eager overhead "
+        f"{_ci(result['cpu_compiled_minus_eager'], '+.2f')} us/step; (bc) - (af), over the same "
+        f"mechanism by hand: {_ci(result['cpu_compiled_over_forward'], '+.2f')} us/step, and "
+        f"(ac) - (af), what `torch.compile(model)`'s wrapper costs: "
+        f"{_ci(result['cpu_optimized_module'], '+.2f')} us/step. Compilations after the "
+        f"warm-up: {result['compilations_after_warmup']}; compiled vs eager weights: max "
+        f"difference {result['compiled_vs_eager_max_diff']:.1e} (inductor reorders float sums).",
+        file=out,
+    )
+
+
 # -- start-up: fresh processes -----------------------------------------------------------------
 
 READY = "corolux-bench-ready"
@@ -1073,6 +1203,20 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             "`evaluate(list)` adds <= 2 us/batch over a hand `no_grad` loop (MLP)",
             added["median"] <= 2.0,
             f"{added['median']:+.2f} us [{lo:+.2f}, {hi:+.2f}]{_span(added['ci'], 2.0)}",
+        )
+    compiled = results.get("compiled")
+    if compiled is not None:
+        over, eager = compiled["cpu_compiled_added"], compiled["cpu_eager_added"]
+        add(
+            "18",
+            "`Trainer(compile=True)` adds at most what eager corolux adds: (bc) - (ac) <= (b) - (a), "
+            "same run, bit-identical compiled weights, no compilation after the warm-up (MLP)",
+            over["median"] <= eager["median"]
+            and compiled["rows"]["bc"]["same_weights"]
+            and compiled["compilations_after_warmup"] == 0,
+            f"{_ci(over, '+.2f')} vs {_ci(eager, '+.2f')} us/step; weights "
+            f"{'same' if compiled['rows']['bc']['same_weights'] else 'DIFFERENT'}; "
+            f"{compiled['compilations_after_warmup']} compilations after the warm-up",
         )
     mlp = results.get("mlp", {}).get("rows", {})
     if all(k in mlp for k in "abcde"):
@@ -1290,6 +1434,8 @@ def report(info: dict[str, Any], results: dict[str, Any], path: str | None, chec
         print_in_memory(result)
     if "eval" in results:
         print_eval(results["eval"])
+    if "compiled" in results:
+        print_compiled(results["compiled"])
     if "startup" in results:
         print_startup(results["startup"])
     if "seconds" in info:
@@ -1323,6 +1469,8 @@ def report(info: dict[str, Any], results: dict[str, Any], path: str | None, chec
         for w, r in results.get("inmemory", {}).items()
         if not r["rows"]["fit"]["same_weights"]
     ]
+    compiled_rows = results.get("compiled", {}).get("rows", {})
+    mismatched += [f"compiled/{k}" for k, row in compiled_rows.items() if not row["same_weights"]]
     mismatched += [
         f"{pair} output"
         for pair, p in results.get("eval", {}).get("pairs", {}).items()
@@ -1340,7 +1488,7 @@ def report(info: dict[str, Any], results: dict[str, Any], path: str | None, chec
 
 # -- main -------------------------------------------------------------------------------------
 
-PARTS = ("list", "inmemory", "eval", "startup")
+PARTS = ("list", "inmemory", "eval", "compiled", "startup")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1355,7 +1503,7 @@ def main(argv: list[str] | None = None) -> int:
         "--parts",
         default=",".join(PARTS),
         help="comma-separated parts to run: list (rows a..g), inmemory (fit((x, y))), eval "
-        "(evaluate/predict), startup (fresh processes); default all",
+        "(evaluate/predict), compiled (torch.compile rows), startup (fresh processes); default all",
     )
     parser.add_argument("--startup-runs", type=int, help="rounds of fresh processes (default 7, --quick 3)")
     parser.add_argument("--no-peers", action="store_true", help="leave out the Ignite/Lightning rows")
@@ -1421,6 +1569,9 @@ def main(argv: list[str] | None = None) -> int:
         # Evaluation batches are cheap (no backward): twice the repetitions.
         results["eval"] = measure_eval(batches, reps * 2, warmup)
         done("evaluate() and predict()")
+    if "compiled" in parts:
+        results["compiled"] = measure_compiled(batches, reps, warmup)
+        done("torch.compile")
     if "startup" in parts:
         runs = args.startup_runs or (3 if args.quick else 7)
         results["startup"] = measure_startup(peers, runs, warmup=0 if args.quick else 1)

@@ -7,6 +7,7 @@ reaches you; ``fit()`` drives the same loop to the end.
 
 from corolux import callbacks as callbacks
 from corolux import checkpoint as checkpoint
+from corolux import compiling as compiling
 from corolux import metrics as metrics
 from corolux.arguments import seed_everything as seed_everything
 from corolux.callback import Callback as Callback
@@ -42,6 +43,7 @@ __all__ = [
     "callback",
     "callbacks",
     "checkpoint",
+    "compiling",
     "coroutine",
     "every",
     "fit",

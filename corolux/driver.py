@@ -19,6 +19,7 @@ import operator
 import warnings
 import weakref
 from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 from corolux._suggest import unknown_stage_message
@@ -228,11 +229,14 @@ class Driver:
         *,
         consumer: bool = True,
         finished: Callable[[Context], None] | None = None,
+        scope: AbstractContextManager[Any] | None = None,
     ) -> Generator[Event, None, None]:
         """Return the run's event generator (what ``Trainer.run()`` returns); nothing runs
         until its first ``next()``. ``context_of(gen)`` finds this run's ``ctx``;
-        ``finished(ctx)`` is called once the run has ended, after every teardown."""
-        gen = self.events(make_loop, consumer=consumer, finished=finished)
+        ``finished(ctx)`` is called once the run has ended, after every teardown. ``scope``
+        is entered before the callbacks' ``setup`` and exited after ``finished``, in every
+        outcome (the compiled forward of ``Trainer(compile=...)``)."""
+        gen = self.events(make_loop, consumer=consumer, finished=finished, scope=scope)
         _CONTEXTS[gen] = self.ctx
         return gen
 
@@ -242,6 +246,7 @@ class Driver:
         *,
         consumer: bool = True,
         finished: Callable[[Context], None] | None = None,
+        scope: AbstractContextManager[Any] | None = None,
     ) -> Generator[Event, None, None]:
         """Set up, drive the loop and its callbacks, tear down; yield each Event.
 
@@ -261,10 +266,14 @@ class Driver:
         if not consumer and not self.counting:
             pass_over = frozenset(stage for stage, slot in slots.items() if not slot.watched)
         stages: Iterable[str] = ()
+        entered: AbstractContextManager[Any] | None = None
         try:
             while True:
                 try:
                     if loop is None and escaping is None:  # the first pass: set up, start the loop
+                        if scope is not None:
+                            scope.__enter__()
+                            entered = scope
                         self._call_each("setup")
                         stages = loop = make_loop(pass_over)
                     # The one delivery path, written out because it is the hot path: every
@@ -307,14 +316,18 @@ class Driver:
                 escaping = exc
             raise
         finally:
-            if loop is not None:
-                loop.close()
-            for module, training in modes:
-                module.training = training
-            self._close_coroutines()
-            self._call_each("teardown", escaping)
-            if finished is not None and loop is not None:
-                finished(ctx)
+            try:
+                if loop is not None:
+                    loop.close()
+                for module, training in modes:
+                    module.training = training
+                self._close_coroutines()
+                self._call_each("teardown", escaping)
+                if finished is not None and loop is not None:
+                    finished(ctx)
+            finally:
+                if entered is not None:
+                    entered.__exit__(None, None, None)
 
     def _note_escaping(self, exc: Exception) -> None:
         """An error escapes the loop: note where it was raised (unless a handler's note says

@@ -50,6 +50,7 @@ __all__ = [
     "evaluate_loop",
     "fit_loop",
     "forward",
+    "forward_and_loss",
     "predict_loop",
     "predict_step",
     "train_step",
@@ -138,20 +139,49 @@ def _carried_loss(pred: Any) -> Any:
     return loss
 
 
-def train_step(ctx: Context) -> Generator[Stage, None, None]:
+def forward_and_loss(
+    model: torch.nn.Module, loss_fn: Callable[..., Any] | None
+) -> Callable[[Any, Any], tuple[Any, Any]]:
+    """The forward and the loss as one function ``(input, target) -> (pred, loss)``: what
+    ``Trainer(compile="step")`` compiles into one graph (the steps' ``fused``)."""
+
+    def forward_and_loss(x: Any, y: Any) -> tuple[Any, Any]:
+        pred = model(x) if type(x) is _Tensor else _call(model, x)
+        return pred, (_carried_loss(pred) if loss_fn is None else loss_fn(pred, y))
+
+    return forward_and_loss
+
+
+def _fused(ctx: Context, fused: Callable[[Any, Any], tuple[Any, Any]]) -> tuple[Any, Any]:
+    autocast = ctx.precision.autocast
+    if autocast is None:
+        return fused(ctx.input, ctx.target)
+    with autocast():
+        return fused(ctx.input, ctx.target)
+
+
+def train_step(
+    ctx: Context, fused: Callable[[Any, Any], tuple[Any, Any]] | None = None
+) -> Generator[Stage, None, None]:
     """The default training step: forward, loss, backward, optimizer step.
 
     With several optimizers it runs once per optimizer, in dict order, with ``ctx.opt``
-    and ``ctx.opt_name`` set, and records each loss in ``ctx.losses``.
+    and ``ctx.opt_name`` set, and records each loss in ``ctx.losses``. With ``fused`` (a
+    compiled ``forward_and_loss``, ``Trainer(compile="step")``) the forward and the loss are
+    one call, before ``on_train_batch_after_pred``, where no callback may listen.
     """
     optimizers = ctx.optimizers
     several = len(optimizers) > 1
     for name, opt in optimizers.items():
         ctx.opt_name = name
         ctx.opt = opt
-        ctx.pred = forward(ctx)
-        yield TRAIN_AFTER_PRED
-        ctx.loss = compute_loss(ctx)
+        if fused is None:
+            ctx.pred = forward(ctx)
+            yield TRAIN_AFTER_PRED
+            ctx.loss = compute_loss(ctx)
+        else:
+            ctx.pred, ctx.loss = _fused(ctx, fused)
+            yield TRAIN_AFTER_PRED
         yield TRAIN_AFTER_LOSS
         if several:
             try:
@@ -166,11 +196,18 @@ def train_step(ctx: Context) -> Generator[Stage, None, None]:
             yield TRAIN_AFTER_STEP
 
 
-def valid_step(ctx: Context) -> Generator[Stage, None, None]:
-    """The default validation step: forward and loss (the phase runs under ``torch.no_grad()``)."""
-    ctx.pred = forward(ctx)
-    yield VALID_AFTER_PRED
-    ctx.loss = compute_loss(ctx)
+def valid_step(
+    ctx: Context, fused: Callable[[Any, Any], tuple[Any, Any]] | None = None
+) -> Generator[Stage, None, None]:
+    """The default validation step: forward and loss (the phase runs under ``torch.no_grad()``);
+    with ``fused``, one call of both, as in ``train_step``."""
+    if fused is None:
+        ctx.pred = forward(ctx)
+        yield VALID_AFTER_PRED
+        ctx.loss = compute_loss(ctx)
+    else:
+        ctx.pred, ctx.loss = _fused(ctx, fused)
+        yield VALID_AFTER_PRED
     yield VALID_AFTER_LOSS
 
 

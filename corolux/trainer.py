@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from corolux import checkpoint, distributed, loop
+from corolux import checkpoint, compiling, distributed, loop
 from corolux._suggest import did_you_mean
 from corolux.arguments import (
     OptimizerSpec,
@@ -69,6 +69,21 @@ class Trainer:
             ``trainer.model`` stays yours), the data sharded, the metrics reduced.
         ddp_timeout: seconds a process waits for the others in a collective before failing
             (a rank that failed or was killed ends the others' run within it).
+        compile: False (eager), True (``torch.compile`` the model's forward with its default
+            options), or a dict of ``torch.compile``'s keyword arguments, e.g.
+            ``{"mode": "max-autotune"}``, ``{"fullgraph": True}``, ``{"backend": "aot_eager"}``.
+            Only the forward is compiled (the loop, callbacks, loss and optimizer step stay
+            eager: no corolux code is traced); it is installed on the model while a run is
+            open, so the default and custom steps calling ``ctx.model(x)`` get it, and
+            ``trainer.model``/``ctx.model`` stay your module with an unprefixed
+            ``state_dict()``. Compiled once per trainer; train and eval mode get a graph each,
+            and a partial last batch one more (dynamic); count them with
+            ``corolux.compiling.compile_counts()`` or ``Profile``. A model you compiled
+            yourself (``torch.compile(model)``) works with ``compile=False``.
+            ``"step"`` (or ``{"step": True, ...}``) compiles the default train and valid
+            steps' forward and loss as one graph (``corolux.loop.forward_and_loss``), which
+            a callback on ``on_train_batch_after_pred`` or ``on_valid_batch_after_pred``
+            could not change, so such a callback, a custom step or DDP is refused.
 
     Example:
         >>> import torch, corolux
@@ -116,6 +131,7 @@ class Trainer:
         hparams: Mapping[str, Any] | None = None,
         strategy: str | None = None,
         ddp_timeout: float = 1800.0,
+        compile: bool | str | Mapping[str, Any] = False,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -127,6 +143,7 @@ class Trainer:
             raise TypeError(f"progress must be True, False or None (auto), got {progress!r}")
         if not isinstance(ddp_timeout, (int, float)) or isinstance(ddp_timeout, bool) or ddp_timeout <= 0:
             raise ValueError(f"ddp_timeout must be a number of seconds > 0, got {ddp_timeout!r}")
+        compile_options = compiling.options(compile, model)
         #: The process group this trainer trains in (None for a single process).
         self.distributed = distributed.join(strategy, device, float(ddp_timeout))
         if self.distributed is not None:
@@ -136,12 +153,18 @@ class Trainer:
         # DistributedDataParallel over the model (its construction gives every rank rank 0's
         # weights); fit's steps call it, so that the gradients are averaged over the ranks.
         self._ddp_model = None if self.distributed is None else distributed.wrap(self.model, self.device)
+        # The compiled forward every run installs on self.model (built once: a second run
+        # reuses dynamo's graphs); under DDP the wrapper's forward calls it (corolux.compiling).
+        # With compile="step" only predict() runs install it (the steps fuse forward and loss).
+        self._compile = compile_options
+        self._compiled: compiling.CompiledForward | None = (
+            None if compile_options is None else compiling.compile_forward(self.model, compile_options)
+        )
         self.loss_fn = check_loss_fn(loss_fn)
         if isinstance(loss_fn, torch.nn.Module):  # a loss with parameters or buffers (e.g. class weights)
             loss_fn.to(self.device)
-        self.optimizers = resolve_optimizers(
-            optimizer, self.model, extra=loss_fn.parameters() if isinstance(loss_fn, torch.nn.Module) else ()
-        )
+        extra = loss_fn.parameters() if isinstance(loss_fn, torch.nn.Module) else ()
+        self.optimizers = resolve_optimizers(optimizer, checkpoint.unwrap(self.model), extra=extra)
         #: The precision of the steps: autocast, and the GradScaler of "16-mixed".
         self.precision = Precision(precision, self.device)
         self.scaler = self.precision.scaler
@@ -165,6 +188,15 @@ class Trainer:
             "valid": self._resolve_step(valid_step, "valid_step", loop.valid_step),
             "predict": self._resolve_step(predict_step, "predict_step", loop.predict_step),
         }
+        if compile_options is not None and compile_options.step:  # forward and loss in one graph
+            defaults = {"train": loop.train_step, "valid": loop.valid_step}
+            fused = compiling.fused_steps(
+                compile_options,
+                loop.forward_and_loss(self.model, self.loss_fn),
+                {phase: (self._steps[phase][1], step) for phase, step in defaults.items()},
+                distributed=self.distributed is not None,
+            )
+            self._steps.update((phase, (step, False)) for phase, step in fused.items())
         self.all_stages = frozenset(Stage) | frozenset(self.stages)
         #: The history of the latest fit/run.
         self.history = History()
@@ -393,6 +425,7 @@ class Trainer:
         if self.distributed is not None:
             defaults.append(distributed.AgreeOnStop())
         driver = Driver(ctx, self._callbacks(defaults, callbacks), self.all_stages)
+        compiling.check_listeners(self._compile, driver.slots)
         self.history = ctx.history
         train, valid = self._steps["train"][0], self._steps["valid"][0]
         allowed = {"train": self._allowed("train"), "valid": self._allowed("valid")}
@@ -527,6 +560,7 @@ class Trainer:
         valid_metrics = self.valid_metrics if metrics is None else check_metrics(metrics, "metrics")
         defaults = [MetricsTracker((), valid_metrics), ProgressBar()]
         driver = Driver(ctx, self._callbacks(defaults, callbacks), self.all_stages)
+        compiling.check_listeners(self._compile, driver.slots)
         step, allowed = self._steps["valid"][0], self._allowed("valid")
         return driver, lambda pass_over: loop.evaluate_loop(ctx, ctx.valid_data, step, allowed, pass_over)
 
@@ -607,7 +641,8 @@ class Trainer:
         consumer: bool = True,
         finished: Callable[[Context], None] | None = None,
     ) -> Generator[Event, None, None]:
-        gen = driver.start(make_loop, consumer=consumer, finished=finished)
+        scope = compiling.run_scope(self._compiled, self.model, driver.ctx.kind)
+        gen = driver.start(make_loop, consumer=consumer, finished=finished, scope=scope)
         self._open_run = weakref.ref(gen)
         self._open_driver = weakref.ref(driver)
         return gen

@@ -35,6 +35,9 @@ trainer = corolux.Trainer(
     device="cpu",
     progress=False,
     ddp_timeout=20,
+    # "compile": aot_eager traces with dynamo as inductor does; fullgraph: no graph break in the
+    # DDP run (DDP's own Python is outside the compiled forward)
+    compile={"backend": "aot_eager", "fullgraph": True} if mode == "compile" else False,
 )
 
 
@@ -133,6 +136,7 @@ callbacks = {
         corolux.callbacks.ProgressBar(style="line", file=sys.stdout),
     ],
     "resume": [corolux.callbacks.AutoResume(f"{out}.resume.pt", every_n_steps=3), KillOnce()],
+    "compile": [],
 }
 if mode.startswith("single"):  # the reference: one process, the global batch, the same order of samples
     sampler = DistributedSampler(TensorDataset(x, y), num_replicas=1, rank=0, shuffle=True, seed=0)
@@ -145,10 +149,12 @@ else:
     data, kwargs = (x, y), {"batch_size": 16}  # 16 per process: a global batch of 32
 if mode == "loggers":
     trainer.valid_metrics = [*trainer.valid_metrics, SharePerRank()]
+before = corolux.compiling.compile_counts()
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     history = trainer.fit(data, epochs=3, valid_data=(xv, yv), callbacks=callbacks[mode], **kwargs)
 predictions = trainer.predict(xv, batch_size=8)  # 101 samples: 51 on rank 0, 50 on rank 1
+compiled = corolux.compiling.compile_counts() - before
 torch.save(
     {
         "predictions": predictions,
@@ -161,6 +167,9 @@ torch.save(
         "all_reduces": counter.count,
         "rng": torch.get_rng_state(),
         "warnings": [str(w.message) for w in caught],
+        "compilations": compiled.compilations,
+        "graph_breaks": compiled.graph_breaks,
+        "forward_left": "forward" in vars(trainer.model),
     },
     f"{out}-{rank}.pt",
 )

@@ -40,8 +40,9 @@ def overfitting_split() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.
     return (x[:200].clone(), y[:200].clone()), (x[1000:1300].clone(), y[1000:1300].clone())
 
 
-def digits_mlp_trainer(seed: int = 0, lr: float = 3e-2):  # -> corolux.Trainer
-    """A 64-64-10 MLP on the CPU with Adam(lr) and accuracy, initialised from ``seed``."""
+def digits_mlp_trainer(seed: int = 0, lr: float = 3e-2, **kwargs):  # -> corolux.Trainer
+    """A 64-64-10 MLP on the CPU with Adam(lr) and accuracy, initialised from ``seed``;
+    ``kwargs`` go to the Trainer (e.g. ``compile=True``)."""
     import corolux
 
     torch.manual_seed(seed)
@@ -53,4 +54,5 @@ def digits_mlp_trainer(seed: int = 0, lr: float = 3e-2):  # -> corolux.Trainer
         metrics=[corolux.metrics.Accuracy()],
         device="cpu",
         progress=False,
+        **kwargs,
     )

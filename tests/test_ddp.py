@@ -183,3 +183,18 @@ def test_a_strategy_it_cannot_run_here_is_a_clear_error(strategy, says, monkeypa
     with pytest.raises(ValueError, match=f"strategy.*{strategy}|{strategy}.*strategy") as info:
         corolux.Trainer(torch.nn.Linear(2, 2), loss_fn=torch.nn.functional.mse_loss, strategy=strategy)
     assert says in str(info.value)
+
+
+def test_compiled_under_ddp_trains_as_one_process_without_graph_breaks(tmp_path, single):
+    """Trainer(compile=...) under DDP: the user's forward is compiled, the DDP wrapper calls it
+    (dynamo's DDPOptimizer sees the DDP forward running); fullgraph=True holds."""
+    proc = torchrun(tmp_path / "run", "compile")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    ranks = [torch.load(tmp_path / f"run-{r}.pt", weights_only=True) for r in (0, 1)]
+    assert all(r["compilations"] >= 1 and r["graph_breaks"] == 0 for r in ranks)
+    assert not any(r["forward_left"] for r in ranks)
+    for key, value in ranks[0]["model"].items():
+        assert not key.startswith(("module.", "_orig_mod."))
+        assert torch.equal(value, ranks[1]["model"][key])
+        assert torch.allclose(value, single["model"][key], atol=1e-5), key
+    assert torch.allclose(ranks[0]["predictions"], single["predictions"], atol=1e-5)

@@ -33,6 +33,7 @@ CORE = {
     "__version__",
     "callback",
     "checkpoint",
+    "compiling",
     "lr_finder",
     "callbacks",
     "coroutine",

@@ -1,4 +1,5 @@
-"""Profile: where a run's time goes, per phase: the data, the callbacks, the rest."""
+"""Profile: where a run's time goes, per phase: the data, the callbacks, the rest; and what
+torch.compile compiled in each phase."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from corolux.callback import Callback
+from corolux.compiling import CompileCounts, compile_counts
 from corolux.context import Context
 
 __all__ = ["Profile"]
@@ -26,11 +28,18 @@ class Profile(Callback):
     their time shows in the phase's remainder. Weight ``-inf``: its phase clocks start first
     and stop first. Times add up over the run (all epochs); ``reset()`` starts over.
 
+    Each phase also reports what ``torch.compile`` did during it, read from torch's own
+    counters (``corolux.compiling.compile_counts()``): ``compilations`` (graphs compiled, the
+    first ones and recompilations), ``recompiles`` (of a function compiled before: a new batch
+    size, train/eval mode...) and ``graph_breaks``; all 0 without compilation. The seconds a
+    compilation takes are in the phase's ``other``.
+
     Example:
         >>> profile = Profile(detailed=True)
         >>> trainer.fit(data, epochs=2, callbacks=[profile])          # doctest: +SKIP
         >>> profile.summary()["train"]                                # doctest: +SKIP
-        {'seconds': 1.92, 'data': 0.61, 'callbacks': 0.05, 'other': 1.26}
+        {'seconds': 1.92, 'data': 0.61, 'callbacks': 0.05, 'other': 1.26, 'compilations': 0,
+         'recompiles': 0, 'graph_breaks': 0}
         >>> print(profile)                                            # doctest: +SKIP
     """
 
@@ -49,6 +58,8 @@ class Profile(Callback):
         self._detail: dict[str, dict[str, float]] = {}  # callback -> stage -> seconds
         self._timing: dict[str, float] = {}  # the loop's data times (ctx.timing)
         self._started: dict[str, float] = {}
+        self._compiled: dict[str, CompileCounts] = {}  # phase -> what was compiled in it
+        self._counts_at: dict[str, CompileCounts] = {}  # phase -> the counters at its begin
         self._names: dict[int, str] = {}
         self._phase_of: dict[str, str] = {}
 
@@ -94,12 +105,15 @@ class Profile(Callback):
         ctx.timing = self._timing
 
     def _begin(self, phase: str) -> None:
+        self._counts_at[phase] = compile_counts()  # once per phase: no cost per batch
         self._started[phase] = time.perf_counter()
 
     def _end(self, phase: str) -> None:
         started = self._started.pop(phase, None)
         if started is not None:
             self._phase_seconds[phase] = self._phase_seconds.get(phase, 0.0) + time.perf_counter() - started
+            done = compile_counts() - self._counts_at.pop(phase)
+            self._compiled[phase] = self._compiled.get(phase, CompileCounts()) + done
 
     def on_train_begin(self, ctx: Context) -> None:
         self._begin("train")
@@ -127,8 +141,10 @@ class Profile(Callback):
     # -- results --------------------------------------------------------------------------------
 
     def summary(self) -> dict[str, Any]:
-        """Seconds per phase that ran: ``{"train": {"seconds", "data", "callbacks", "other"},
-        "valid": {...}}``, where ``other`` is the rest (the model's step, the loop); with
+        """Seconds per phase that ran: ``{"train": {"seconds", "data", "callbacks", "other",
+        "compilations", "recompiles", "graph_breaks"}, "valid": {...}}``, where ``other`` is the
+        rest (the model's step, the loop, compiling) and the last three count torch.compile's
+        work in the phase (see the class docstring); with
         ``detailed=True`` also ``"callbacks"``: ``{callback: {stage: seconds}}``, slowest first."""
         result: dict[str, Any] = {}
         for phase in _PHASES:
@@ -137,11 +153,15 @@ class Profile(Callback):
             seconds = self._phase_seconds[phase]
             data = self._timing.get(f"{phase}_data", 0.0)
             handlers = self._callback_seconds.get(phase, 0.0)
+            compiled = self._compiled.get(phase, CompileCounts())
             result[phase] = {
                 "seconds": seconds,
                 "data": data,
                 "callbacks": handlers,
                 "other": max(seconds - data - handlers, 0.0),
+                "compilations": compiled.compilations,
+                "recompiles": compiled.recompiles,
+                "graph_breaks": compiled.graph_breaks,
             }
         between = self._callback_seconds.get("epoch", 0.0)
         if between:  # on_fit_begin, on_epoch_begin/_end...: handlers outside the phases
@@ -157,14 +177,18 @@ class Profile(Callback):
 
     def __str__(self) -> str:
         summary = self.summary()
-        lines = [f"{'phase':<8} {'seconds':>9} {'data':>9} {'callbacks':>10} {'other':>9}"]
-        for phase in _PHASES:
-            row = summary.get(phase)
-            if row is not None:
-                lines.append(
-                    f"{phase:<8} {row['seconds']:>9.3f} {row['data']:>9.3f} {row['callbacks']:>10.3f} "
-                    f"{row['other']:>9.3f}"
-                )
+        rows = [(phase, summary[phase]) for phase in _PHASES if phase in summary]
+        compiled = any(row["compilations"] or row["graph_breaks"] for _, row in rows)
+        head = f"{'phase':<8} {'seconds':>9} {'data':>9} {'callbacks':>10} {'other':>9}"
+        lines = [head + (f" {'compiled':>9} {'breaks':>7}" if compiled else "")]
+        for phase, row in rows:
+            line = (
+                f"{phase:<8} {row['seconds']:>9.3f} {row['data']:>9.3f} {row['callbacks']:>10.3f} "
+                f"{row['other']:>9.3f}"
+            )
+            if compiled:
+                line += f" {row['compilations']:>9} {row['graph_breaks']:>7}"
+            lines.append(line)
         for name, stages in summary.get("callbacks", {}).items():
             lines.append(f"{name}: " + ", ".join(f"{stage} {s:.4f}s" for stage, s in stages.items()))
         return "\n".join(lines)
