@@ -8,22 +8,28 @@ loop or the driver knows about it, so a run without a stepper pays nothing for i
 from __future__ import annotations
 
 import contextlib
+import inspect
+import os
 from collections import deque
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from corolux._suggest import unknown_stage_message
+from corolux.checkpoint import CheckpointError, callback_key, check_weights, read
 from corolux.context import Context
 from corolux.control import graceful_sigint, warn_if_interrupted
+from corolux.data import BatchAt
+from corolux.distributed import is_distributed
 from corolux.driver import context_of
 from corolux.events import ONE_OFF_STAGES, PHASES, SCOPE_STAGES, STEP_STAGES, Event, Stage
+from corolux.rewind import Rewind, Rewinder
 
 if TYPE_CHECKING:
     from corolux.history import History
 
-__all__ = ["Stepper", "position"]
+__all__ = ["Stepper", "position", "read_capture"]
 
 #: Target of :meth:`Stepper.until`: a stage name, a collection of names, or a predicate.
 Target = str | Collection[str] | Callable[[Event], Any] | None
@@ -94,7 +100,7 @@ class Stepper:
         3
     """
 
-    def __init__(self, events: Iterator[Event]) -> None:
+    def __init__(self, events: Iterator[Event], rewindable: bool = False) -> None:
         if not isinstance(events, Iterator):
             hint = (
                 "trainer.stepper(data, epochs=...) or corolux.Stepper(trainer.run(data, epochs=...))"
@@ -105,6 +111,7 @@ class Stepper:
         self._events = events
         self._event: Event | None = None
         self._ctx: Context | None = context_of(events)
+        self._rewinder = _rewinder_for(events, self._ctx) if rewindable else None
         self._end: str | None = None  # why the run is over, once it is
         self._stack: contextlib.ExitStack | None = None  # set during a call
         self._guarded = False
@@ -252,6 +259,134 @@ class Stepper:
         warn_if_interrupted(self._ctx, "Stepper.finish()")
         return self._ctx.history
 
+    def rewind(self) -> Event:
+        """Go back to the start of the current training batch and pause at its
+        ``on_train_batch_begin`` again; return that event.
+
+        Everything the batch changed is put back as it was when the batch began (parameters,
+        buffers, gradients, optimizers, GradScaler, every RNG, counters, the epoch's metrics,
+        stateful callbacks; see ``corolux.rewind``), and the batch is the same one. Change
+        what you like (``s.ctx.input``, a learning rate in ``s.ctx.opt.param_groups``, a
+        callback's setting) and step on; with no change, the batch runs again bit for bit.
+        Valid at any stage of a training batch, at its ``on_train_batch_end``, and at an
+        ``on_exception`` or ``on_interrupt`` raised inside it (the error is then dropped,
+        the graceful stop called off). Needs ``rewindable=True``.
+
+        Example:
+            >>> s = trainer.stepper(data, epochs=2, rewindable=True)       # doctest: +SKIP
+            >>> s.until("on_train_batch_after_step", when=lambda ctx: ctx.iter == 3)  # doctest: +SKIP
+            >>> s.rewind()                                                 # doctest: +SKIP
+            Event('on_train_batch_begin', epoch=1, iter=3)
+            >>> s.ctx.input = s.ctx.input * 2                              # doctest: +SKIP
+
+        Raises:
+            RuntimeError: the stepper was built without ``rewindable=True``; the run has not
+                started or is over; it is not inside a training batch (only the current
+                batch's start is kept: there is no going back past it).
+        """
+        rewinder = self._rewinder
+        if rewinder is None:
+            raise RuntimeError(
+                "rewind(): this stepper was built without rewindable=True, so no batch's start was "
+                "kept; build it with trainer.stepper(..., rewindable=True) or "
+                "corolux.Stepper(trainer.run(...), rewindable=True) (each training batch's state is "
+                "then kept in memory: one copy of the parameters and optimizer state)"
+            )
+        if self._end is not None:
+            raise RuntimeError(
+                f"rewind(): the run is over ({self._end}); start another with "
+                "trainer.stepper(..., rewindable=True)"
+            )
+        if self._event is None or self._ctx is None:
+            raise RuntimeError("rewind(): the run has not started; step() takes it to its first event")
+        problem = rewinder.problem(self._ctx)
+        if problem is not None:
+            raise RuntimeError(
+                f"rewind() at {self.where()}: {problem}; rewind() goes back to the start of the "
+                "training batch the run is in (only that batch's state is kept, so not past it): "
+                "use it from on_train_batch_begin up to on_train_batch_end, or at an on_exception "
+                "or on_interrupt raised inside the batch"
+            )
+        rewinder.request()
+        with self._call():
+            event = self._advance(Rewind())
+        if event is None:  # cannot happen: the loop yields the batch's begin
+            self._ended("rewind()")
+            raise RuntimeError("rewind(): the run ended instead of restarting the batch")
+        return event
+
+    @classmethod
+    def from_capture(
+        cls,
+        trainer: Any,
+        path: str | os.PathLike[str],
+        *,
+        callbacks: Sequence[Any] | None = None,
+        rewindable: bool = True,
+    ) -> Stepper:
+        """Replay the batch a ``CaptureAnomaly`` file holds: pause at its
+        ``on_train_batch_begin``, restored to its start (weights, optimizers, GradScaler,
+        counters, history, callbacks' states, RNG), so that stepping on shows what failed.
+
+        The run holds that batch alone, at its place (same epoch, ``iter`` and batch count);
+        after it the epoch ends, then the run. It works in any process.
+
+        Args:
+            trainer: a trainer built as for the failing run (same model, optimizers, loss
+                function and precision); a capture of another model is refused.
+            path: the file ``CaptureAnomaly`` wrote.
+            callbacks: the callbacks that shape the step as in the failing run (``MixUp``,
+                ``GradientAccumulation``, ``GradientClip``, ...); their saved states are
+                restored. Saved states of callbacks not given are left out.
+            rewindable: keep the batch's start, so that :meth:`rewind` can run it again.
+
+        Example:
+            >>> s = corolux.Stepper.from_capture(trainer, "anomaly.pt")      # doctest: +SKIP
+            replaying 'anomaly.pt': epoch 2/5, batch 7/24, where the training loss was nan (...)
+            >>> s.until("on_train_batch_after_loss").ctx.loss                # doctest: +SKIP
+            tensor(nan, grad_fn=<NllLossBackward0>)
+
+        Raises:
+            CheckpointError: ``path`` is not a capture (a checkpoint, another file), or holds
+                another model or optimizers.
+        """
+        state, info = read_capture(path)
+        epoch = info["epoch"]
+        data = BatchAt(info["batch"], info["iter"], info["num_batches"])
+        events = trainer.run(data, epochs=(min(info["min_epochs"], epoch), epoch), callbacks=callbacks)
+        ctx = context_of(events)
+        assert ctx is not None  # trainer.run() made it
+        try:
+            check_weights(ctx, state)
+            ctx.resume_from = _for_run(state, ctx)
+            stepper = cls(events, rewindable=rewindable)
+            event = stepper.until(Stage.on_train_batch_begin)
+        except BaseException:
+            events.close()  # type: ignore[attr-defined]
+            raise
+        if (
+            event is None
+            or event.stage != Stage.on_train_batch_begin
+            or (ctx.epoch, ctx.iter)
+            != (
+                epoch,
+                info["iter"],
+            )
+        ):
+            return stepper  # paused early (on_exception): the stepper said why
+        total = "?" if info["num_batches"] is None else info["num_batches"]
+        value = info["value"]
+        what = (
+            f"the training loss was {value}"
+            if info["check"] == "loss"
+            else f"{value} had non-finite gradients"
+        )
+        print(
+            f"replaying {str(path)!r}: epoch {epoch}/{info['max_epochs']}, batch {info['iter']}/{total}, "
+            f"where {what} ({info['stage']})"
+        )
+        return stepper
+
     def close(self) -> None:
         """Abandon the run: nothing more is yielded, cleanup runs (teardown, files, bars),
         and the trainer can start another run. Closing twice is harmless."""
@@ -305,10 +440,11 @@ class Stepper:
             self._stack.enter_context(graceful_sigint(self._ctx.signals))
             self._guarded = True
 
-    def _advance(self) -> Event | None:
-        """The next event, or None at the end of the run. Never leaks StopIteration."""
+    def _advance(self, rewind: Rewind | None = None) -> Event | None:
+        """The next event (after throwing ``rewind`` into the run, when given), or None at
+        the end of the run. Never leaks StopIteration."""
         try:
-            event = next(self._events)
+            event = next(self._events) if rewind is None else self._events.throw(rewind)  # type: ignore[attr-defined]
         except StopIteration:
             self._end = "finished"
             return None
@@ -386,16 +522,77 @@ class Stepper:
         print(f"{what}: the run is over ({self._end}); start another with trainer.stepper(...)")
 
     def _paused_early(self, event: Event, what: str) -> None:
+        again = (
+            ""
+            if self._rewinder is None or self._rewinder.problem(event.ctx) is not None
+            else "; s.rewind() runs the batch again"
+        )
         if event.stage == Stage.on_exception:
             print(
                 f"{what}: paused at on_exception: {event.ctx.exception!r} is escaping; look "
-                "at ctx (ctx.exception, ctx.batch, ...), then step() re-raises it"
+                f"at ctx (ctx.exception, ctx.batch, ...), then step() re-raises it{again}"
             )
         else:
             print(
                 f"{what}: paused at on_interrupt (Ctrl-C): the run is stopping gracefully; "
-                "finish() ends it and returns the history"
+                f"finish() ends it and returns the history{again}"
             )
+
+
+def _rewinder_for(events: Iterator[Event], ctx: Context | None) -> Rewinder:
+    """The Rewinder of a rewindable stepper, put in the run's ``ctx`` before it starts."""
+    if ctx is None:
+        raise TypeError(
+            "Stepper(..., rewindable=True) needs the generator of trainer.run(...), whose batches it "
+            f"can keep; got {type(events).__name__}"
+        )
+    if ctx.kind != "fit":
+        raise ValueError(
+            f"Stepper(..., rewindable=True): a run_{ctx.kind}() run has no training batch to rewind; "
+            "rewinding is for trainer.run(...) (or trainer.stepper(..., rewindable=True))"
+        )
+    if inspect.getgeneratorstate(events) != inspect.GEN_CREATED:  # type: ignore[arg-type]
+        raise ValueError(
+            "Stepper(..., rewindable=True): the run has started already, before its batches could be "
+            "kept; build the stepper on a fresh run: trainer.stepper(..., rewindable=True)"
+        )
+    if is_distributed():
+        raise ValueError(
+            "Stepper(..., rewindable=True) under DDP: every rank would have to rewind together; step "
+            "through a single-process run instead"
+        )
+    ctx.rewinder = Rewinder()
+    return ctx.rewinder
+
+
+def read_capture(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read a ``CaptureAnomaly`` file: its state (a checkpoint's) and what it captured.
+
+    Raises:
+        CheckpointError: not a corolux file, or a checkpoint that is not a capture.
+    """
+    try:
+        state = read(path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"Stepper.from_capture: {exc}; it replays what CaptureAnomaly wrote") from None
+    info = state.get("capture")
+    if not isinstance(info, dict):
+        raise CheckpointError(
+            f"Stepper.from_capture: {str(path)!r} is a corolux checkpoint, not an anomaly capture "
+            "(corolux.callbacks.CaptureAnomaly(path) writes those); a checkpoint resumes with "
+            "trainer.fit(..., resume_from=path)"
+        )
+    return state, info
+
+
+def _for_run(state: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    """The capture's state as a resume of this run: the saved states of its callbacks only."""
+    keys = {
+        key
+        for key, cb in zip(callback_key(ctx.callbacks), ctx.callbacks, strict=True)
+        if callable(getattr(cb, "load_state_dict", None))
+    }
+    return dict(state, callbacks={k: v for k, v in state["callbacks"].items() if k in keys})
 
 
 def _unreachable(ctx: Context) -> dict[str, str]:

@@ -15,6 +15,7 @@ without a consumer (``fit()``) the loop passes over the batch stages nobody list
 from __future__ import annotations
 
 import functools
+import itertools
 import operator
 import warnings
 import weakref
@@ -26,6 +27,7 @@ from corolux.callback import CoroutineCallback, handlers_of, weight_of
 from corolux.context import Context
 from corolux.control import ControlSignal
 from corolux.events import Event, Filter, Stage
+from corolux.rewind import Failure, Rewind
 
 __all__ = ["Driver", "check_callbacks", "context_of"]
 
@@ -273,7 +275,8 @@ class Driver:
                         try:
                             slot = slots[stage]
                         except KeyError:
-                            raise self._unknown(stage) from None
+                            failure = self._failure(stage)  # or a ValueError for an unknown stage
+                            break
                         if slot.watched:
                             handlers, owners = slot.handlers, slot.owners
                             if slot.counting:  # a run with coroutines counts, for every()
@@ -287,7 +290,16 @@ class Driver:
                                     self._failed(exc, owners[handlers.index(handler)], stage)
                         if consumer:
                             yield slot.event
-                    break
+                    else:
+                        break
+                    # A rewindable run's step failed inside a training batch: raised here, outside
+                    # the except above, as if it had escaped the loop, which waits in the batch.
+                    raise failure.error
+                except Rewind as rewind:  # Stepper.rewind() threw it at the yield (corolux.rewind)
+                    if loop is None or loop.gi_frame is None:
+                        raise RuntimeError("rewind(): the loop did not restart the batch") from None
+                    escaping = self._annotated = None  # a rewind from on_exception: nothing escapes
+                    stages = itertools.chain(_thrown(loop, rewind), loop)
                 except Exception as exc:
                     if escaping is None:  # setup, the loop, a step or a handler failed
                         escaping = exc
@@ -297,6 +309,8 @@ class Driver:
                     if exc is not self._annotated:  # the consumer threw into the generator
                         raise
                     escaping.add_note(f"and while handling it, on_exception raised {exc!r}")
+                    if ctx.rewinder is not None:
+                        ctx.rewinder.refuse("an on_exception handler failed while the error escaped")
                     if consumer:
                         yield slots[Stage.on_exception].event
                     break
@@ -331,8 +345,12 @@ class Driver:
         their first stage); nothing else ran, so there is nothing else to clean up."""
         self._close_coroutines()
 
-    def _unknown(self, stage: Any) -> ValueError:
-        return ValueError(unknown_stage_message(stage, "the step's yields", self.stages))
+    def _failure(self, stage: Any) -> Failure:
+        """What the loop yielded that is not a stage: a rewindable run's :class:`Failure`,
+        returned; anything else is an unknown stage (raised)."""
+        if type(stage) is Failure:
+            return stage
+        raise ValueError(unknown_stage_message(stage, "the step's yields", self.stages)) from None
 
     # -- coroutines ----------------------------------------------------------------------------
 
@@ -480,6 +498,11 @@ class Driver:
             slot.waiters = []
             slot.filters = []
             slot.refresh()
+
+
+def _thrown(loop: Loop, rewind: Rewind) -> Iterator[Stage | str]:
+    """The stage the loop yields when ``rewind`` is thrown into it (the batch's begin)."""
+    yield loop.throw(rewind)
 
 
 _METHOD = {

@@ -41,6 +41,7 @@ from corolux.data import (
     to_device,
 )
 from corolux.events import BATCH_ENDS, SCOPE_STAGES, Stage
+from corolux.rewind import Failure, Rewind
 
 __all__ = [
     "compute_loss",
@@ -305,6 +306,9 @@ def _phase(
                 batches = resume_batches(
                     data, resume.data_state, resume.batches_done, lambda: set_rng_state(rng)
                 )
+            rewinder = ctx.rewinder if training else None
+            if rewinder is not None:  # a rewindable Stepper: each batch's start is kept (corolux.rewind)
+                batches = rewinder.batches(ctx, batches)
             if ctx.timing is not None:  # Profile: time what waiting for data costs (a frame per batch)
                 batches = _timed(batches, ctx.timing, f"{phase}_data")
             for batch in batches:
@@ -349,13 +353,33 @@ def _phase(
                     ctx.skipped = True  # an interrupted batch is neither counted nor kept
                     if stages is not None:
                         stages.close()  # the step's own cleanup (with blocks) runs before on_interrupt
-                    yield from _interrupt(ctx, exc)
+                    try:
+                        yield from _interrupt(ctx, exc)
+                    except Rewind:  # Stepper.rewind() at this batch's on_interrupt
+                        continue
+                # Only a rewindable Stepper's run gets here (a Rewinder is set; try costs nothing).
+                except Rewind:  # Stepper.rewind(): the batch starts again, restored (corolux.rewind)
+                    if stages is not None:
+                        stages.close()
+                    continue  # the rewinder's batches give this batch again
+                except Exception as exc:
+                    if rewinder is None:
+                        raise
+                    if stages is not None:
+                        stages.close()
+                    try:  # the driver raises it (on_exception) while the batch stays open to a rewind
+                        yield Failure(exc)
+                    except Rewind:
+                        continue
+                    raise  # resumed otherwise (never by the driver): the error escapes, as without
                 try:
                     ctx.stage = batch_end
                     if yield_end:
                         yield batch_end
                     if signals.pending:
                         yield from _attend(ctx)
+                except Rewind:  # Stepper.rewind() at on_train_batch_end
+                    continue
                 finally:  # also when a Ctrl-C during *_batch_end ends the phase: this batch is done
                     if outputs is not None and not ctx.skipped:
                         outputs.append(ctx.pred)

@@ -47,6 +47,7 @@ CALLBACKS = {
     "AutoResume",
     "Breakpoint",
     "CSVLogger",
+    "CaptureAnomaly",
     "EarlyStopping",
     "GradientAccumulation",
     "GradientClip",
