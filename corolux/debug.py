@@ -328,8 +328,9 @@ class Stepper:
         ``on_train_batch_begin``, restored to its start (weights, optimizers, GradScaler,
         counters, history, callbacks' states, RNG), so that stepping on shows what failed.
 
-        The run holds that batch alone, at its place (same epoch, ``iter`` and batch count);
-        after it the epoch ends, then the run. It works in any process.
+        The run holds that batch alone, at its place (same epoch, ``iter`` and batch count):
+        after it the training pass ends (the rest of the epoch is not in the capture), and the
+        run with that epoch (its ``max_epochs``). It works in any process.
 
         Args:
             trainer: a trainer built as for the failing run (same model, optimizers, loss
@@ -342,7 +343,7 @@ class Stepper:
 
         Example:
             >>> s = corolux.Stepper.from_capture(trainer, "anomaly.pt")      # doctest: +SKIP
-            replaying 'anomaly.pt': epoch 2/5, batch 7/24, where the training loss was nan (...)
+            replaying 'anomaly.pt': epoch 2 (of 5), batch 7/24, where the training loss was nan (...)
             >>> s.until("on_train_batch_after_loss").ctx.loss                # doctest: +SKIP
             tensor(nan, grad_fn=<NllLossBackward0>)
 
@@ -381,10 +382,8 @@ class Stepper:
             if info["check"] == "loss"
             else f"{value} had non-finite gradients"
         )
-        print(
-            f"replaying {str(path)!r}: epoch {epoch}/{info['max_epochs']}, batch {info['iter']}/{total}, "
-            f"where {what} ({info['stage']})"
-        )
+        where = f"epoch {epoch} (of {info['max_epochs']}), batch {info['iter']}/{total}"
+        print(f"replaying {str(path)!r}: {where}, where {what} ({info['stage']})")
         return stepper
 
     def close(self) -> None:

@@ -9,7 +9,9 @@ data gave it, before ``on_train_batch_begin``):
   the gradients pending in a gradient-accumulation window: device-side copies into buffers
   kept from batch to batch (one foreach ``copy_``, no allocation, no host sync);
 - each optimizer's state and hyperparameters, and the GradScaler's scale (device tensors);
-- every RNG (torch CPU and CUDA, ``random``, NumPy) and the DataLoader's generators;
+- every RNG (torch CPU and CUDA, ``random``, NumPy); a DataLoader's own generators need no
+  copy: they are drawn from as a batch is fetched, which is before the keeping, and the
+  batch is not fetched again;
 - the counters and this epoch's records (``epoch``, ``iter``, ``step``, ``ctx.metrics``, the
   stop reason) and every stateful callback's ``state_dict()`` (the MetricsTracker's loss and
   metric accumulators, a scheduler, early stopping);
@@ -49,7 +51,6 @@ import torch
 
 from corolux.checkpoint import rng_snapshot, rng_state, set_rng_state, unwrap
 from corolux.context import Context
-from corolux.data import generators_of
 
 __all__ = ["Failure", "Rewind", "Rewinder"]
 
@@ -84,7 +85,6 @@ class _Kept:
     batch: Any
     counters: tuple[Any, ...]
     rng: dict[str, Any]
-    generators: list[tuple[torch.Generator, _Tensor]]
     live: list[_Tensor]  # parameters, buffers, pending gradients, optimizer state tensors
     copies: list[_Tensor]  # their copies, index for index
     grads: list[tuple[_Tensor, int | None]]  # (parameter, index of its gradient's copy or None)
@@ -206,7 +206,6 @@ class Rewinder:
                             entries[key] = (False, copy.deepcopy(value))
                     states.append((p, entries))
             optimizers.append((opt, groups, states))
-        generators = [(g, g.get_state()) for g in generators_of(ctx.data) if g is not None]
         states = self._states.copy([cb.state_dict() for cb in stateful])
         return _Kept(
             epoch=ctx.epoch,
@@ -214,7 +213,6 @@ class Rewinder:
             batch=batch,
             counters=ctx.counters(),
             rng=rng_snapshot(),
-            generators=generators,
             live=live,
             copies=self._copy(live),
             grads=grads,
@@ -260,8 +258,6 @@ class Rewinder:
         for cb, state in kept.callbacks:
             cb.load_state_dict(copy.deepcopy(state))  # the kept copy stays for another rewind
         ctx.restore_counters(kept.counters)
-        for generator, state in kept.generators:
-            generator.set_state(state)
         set_rng_state(rng_state(kept.rng))
 
 
