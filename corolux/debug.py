@@ -2,7 +2,10 @@
 
 A ``Stepper`` is one more driver of the generator that ``Trainer.run()`` returns, like
 ``fit()`` and a ``for`` loop: callbacks run exactly as under ``fit()``, and nothing in the
-loop or the driver knows about it, so a run without a stepper pays nothing for it.
+loop or the driver knows about it, so a run without a stepper pays nothing for it. A
+rewindable one puts a ``Rewinder`` in ``ctx.rewinder`` before the run starts and throws
+``Rewind`` into it for :meth:`Stepper.rewind` (``corolux.rewind`` says how the loop and the
+driver take it); :meth:`Stepper.from_capture` replays what ``CaptureAnomaly`` wrote.
 """
 
 from __future__ import annotations
@@ -84,6 +87,10 @@ class Stepper:
 
     Args:
         events: the generator of ``Trainer.run()`` (or ``run_evaluate()``, ``run_predict()``).
+        rewindable: keep the state of each training batch as it begins, so that
+            :meth:`rewind` can run the batch again (``corolux.rewind``: a device-side copy of
+            the parameters and optimizer state per batch, no host sync). Off, the run
+            pays nothing for it.
 
     Example:
         >>> import torch, corolux

@@ -10,6 +10,11 @@ own). Class handlers are sorted once per run; a coroutine is merged in among the
 starts waiting for a stage (the stage it waits for changes as it runs), and at delivery
 when a filter of it is due. A stage nobody listens to costs one dict look-up; in a run
 without a consumer (``fit()``) the loop passes over the batch stages nobody listens to.
+
+A rewindable run (``corolux.rewind``) adds two cold paths: the loop may yield a ``Failure``
+(an error of a training batch's step), which the driver raises as if it had escaped, and
+``Stepper.rewind()`` throws ``Rewind`` at the consumer's yield, which the driver passes into
+the loop (an error it was delivering at ``on_exception`` then no longer escapes).
 """
 
 from __future__ import annotations

@@ -15,6 +15,14 @@ both).
 
 A consumer's ``close()`` arrives as ``GeneratorExit`` at a yield: nothing here catches it,
 so cleanup runs (``with`` blocks, ``finally``) and nothing more is yielded.
+
+*Rewinds* (``corolux.rewind``), in a run that a rewindable ``Stepper`` drives (``ctx.rewinder``
+set): a training pass draws its batches through the rewinder, which keeps each batch's
+starting state; a ``Rewind`` thrown in at a yield of a training batch (its stages, its
+``on_train_batch_end``, an ``on_interrupt`` inside it) abandons the batch (its step is
+closed) and asks for the next batch, which the rewinder gives again, restored; an error of
+the batch's step is yielded as a ``Failure`` instead of raised, so that it can be rewound
+too. Without a rewinder none of this runs (the ``except`` clauses cost nothing untaken).
 """
 
 from __future__ import annotations

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import operator
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -265,28 +266,58 @@ class _StateCopies:
     """Copies of callbacks' ``state_dict()`` values: containers copied, tensors cloned, except
     a tensor that is the very object seen at the last batch and unchanged since (its version
     counter, which in-place changes move): its copy is reused. So the MetricsTracker's kept
-    batch losses are each cloned once, not at every batch."""
+    batch losses are each cloned once, not at every batch.
+
+    A speed hack, local: a list of tensors at the same place as at the last batch whose first
+    items are the same objects, unchanged, reuses their copies in one comparison (the kept
+    losses grow by one per batch: 256 items cost ~10 us this way, ~90 us one by one).
+    """
 
     def __init__(self) -> None:
         self._memo: dict[int, tuple[_Tensor, int, _Tensor]] = {}
+        self._lists: dict[tuple[Any, ...], tuple[list[Any], list[Any], list[Any]]] = {}
 
     def copy(self, states: list[Any]) -> list[Any]:
         old, self._memo = self._memo, {}
-        return [self._copy(state, old) for state in states]
+        lists, self._lists = self._lists, {}
+        return [self._copy(state, old, lists, (i,)) for i, state in enumerate(states)]
 
-    def _copy(self, value: Any, old: dict[int, tuple[_Tensor, int, _Tensor]]) -> Any:
+    def _copy(
+        self, value: Any, old: dict[int, Any], lists: dict[tuple[Any, ...], Any], path: tuple[Any, ...]
+    ) -> Any:
         if isinstance(value, _Tensor):
-            seen = old.get(id(value))
-            version = value._version
-            if seen is not None and seen[0] is value and seen[1] == version:
-                kept = seen[2]
-            else:
-                kept = value.detach().clone()
-            self._memo[id(value)] = (value, version, kept)
-            return kept
+            return self._tensor(value, old)
         kind = type(value)
         if kind is dict or kind is OrderedDict:
-            return kind((k, self._copy(v, old)) for k, v in value.items())
+            return kind((k, self._copy(v, old, lists, (*path, k))) for k, v in value.items())
         if kind is list or kind is tuple:
-            return kind(self._copy(v, old) for v in value)
+            return kind(self._items(value, old, lists, path))
         return copy.deepcopy(value)
+
+    def _items(
+        self, items: Any, old: dict[int, Any], lists: dict[tuple[Any, ...], Any], path: tuple[Any, ...]
+    ) -> list[Any]:
+        versions = [v._version if type(v) is _Tensor else None for v in items]
+        copies: list[Any] = []
+        last = lists.get(path)
+        if last is not None:
+            sources, seen, kept = last
+            n = min(len(sources), len(items))
+            if versions[:n] == seen[:n] and all(map(operator.is_, items[:n], sources[:n])):
+                copies = kept[:n]
+        copies.extend(
+            self._copy(v, old, lists, (*path, i)) for i, v in enumerate(items[len(copies) :], len(copies))
+        )
+        self._lists[path] = (list(items), versions, copies)
+        return copies
+
+    def _tensor(self, value: _Tensor, old: dict[int, Any]) -> _Tensor:
+        key = id(value)
+        seen = old.get(key)
+        version = value._version
+        if seen is not None and seen[0] is value and seen[1] == version:
+            kept = seen[2]
+        else:
+            kept = value.detach().clone()
+        self._memo[key] = (value, version, kept)
+        return kept
