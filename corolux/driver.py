@@ -20,6 +20,7 @@ the loop (an error it was delivering at ``on_exception`` then no longer escapes)
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import operator
 import warnings
@@ -38,7 +39,7 @@ __all__ = ["Driver", "check_callbacks", "context_of"]
 
 _NEVER = float("inf")
 _ORDER = operator.itemgetter(0, 1)  # handlers run by (weight, position)
-Loop = Generator[Stage | str, None, None]
+Loop = Generator[Stage | str | Failure, None, None]
 #: Builds the run's loop generator, given the stages it may pass over.
 MakeLoop = Callable[[frozenset[str]], Loop]
 Entry = tuple[float, int, Callable[[Context], Any], Any]  # (weight, position, handler, owner)
@@ -267,7 +268,7 @@ class Driver:
         pass_over: frozenset[str] = frozenset()
         if not consumer and not self.counting:
             pass_over = frozenset(stage for stage, slot in slots.items() if not slot.watched)
-        stages: Iterable[str] = ()
+        stages: Iterable[str | Failure] = ()
         try:
             while True:
                 try:
@@ -278,7 +279,7 @@ class Driver:
                     # stage the loop yields goes through here, and on_exception after it.
                     for stage in stages:
                         try:
-                            slot = slots[stage]
+                            slot = slots[stage]  # type: ignore[index]  # a Failure: KeyError
                         except KeyError:
                             failure = self._failure(stage)  # or a ValueError for an unknown stage
                             break
@@ -292,7 +293,7 @@ class Driver:
                                 try:
                                     handler(ctx)
                                 except BaseException as exc:
-                                    self._failed(exc, owners[handlers.index(handler)], stage)
+                                    self._failed(exc, owners[handlers.index(handler)], slot.stage)
                         if consumer:
                             yield slot.event
                     else:
@@ -301,7 +302,7 @@ class Driver:
                     # the except above, as if it had escaped the loop, which waits in the batch.
                     raise failure.error
                 except Rewind as rewind:  # Stepper.rewind() threw it at the yield (corolux.rewind)
-                    if loop is None or loop.gi_frame is None:
+                    if loop is None or inspect.getgeneratorstate(loop) == inspect.GEN_CLOSED:
                         raise RuntimeError("rewind(): the loop did not restart the batch") from None
                     escaping = self._annotated = None  # a rewind from on_exception: nothing escapes
                     stages = itertools.chain(_thrown(loop, rewind), loop)
@@ -505,7 +506,7 @@ class Driver:
             slot.refresh()
 
 
-def _thrown(loop: Loop, rewind: Rewind) -> Iterator[Stage | str]:
+def _thrown(loop: Loop, rewind: Rewind) -> Iterator[Stage | str | Failure]:
     """The stage the loop yields when ``rewind`` is thrown into it (the batch's begin)."""
     yield loop.throw(rewind)
 

@@ -63,7 +63,7 @@ __all__ = [
 ]
 
 Step = Callable[[Context], Generator[Stage | str, None, None]]
-Loop = Generator[Stage | str, None, None]
+Loop = Generator[Stage | str | Failure, None, None]  # a Failure in a rewindable run only
 
 _Tensor = torch.Tensor
 
@@ -457,7 +457,9 @@ def _settle(ctx: Context) -> None:
         ctx.zero_grad()
 
 
-def _checked_step(step: Step, allowed: Mapping[str, str], begin: Stage, ctx: Context) -> Loop:
+def _checked_step(
+    step: Step, allowed: Mapping[str, str], begin: Stage, ctx: Context
+) -> Generator[Stage | str, None, None]:
     """Run a custom step, checking each stage it yields against ``allowed`` (given as its
     Stage member, so the loop finds it by identity)."""
     stages = step(ctx)

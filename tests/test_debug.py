@@ -451,12 +451,13 @@ def test_no_stepper_code_runs_in_fit():
 
 def test_tutorial_runs_as_written():
     """examples/debug_session.md is a REPL session: every line runs and prints what it shows."""
-    failures, tried = doctest.testfile(
-        str(ROOT / "examples" / "debug_session.md"),
-        module_relative=False,
-        optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
-        verbose=False,
-    )
+    with pytest.warns(RuntimeWarning, match="CaptureAnomaly: the training loss is inf"):  # section 12
+        failures, tried = doctest.testfile(
+            str(ROOT / "examples" / "debug_session.md"),
+            module_relative=False,
+            optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
+            verbose=False,
+        )
     assert tried > 10 and failures == 0
 
 
