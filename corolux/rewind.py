@@ -161,9 +161,10 @@ class Rewinder:
                     self._replay = False
                     self._restore(ctx, self._kept)
                     yield batch
-        finally:
+        finally:  # the pass is over: nothing to go back to, and the copies' memory is freed
             self._kept = None
             self._replay = False
+            self._copies, self._layout = [], ()
 
     # -- keeping -------------------------------------------------------------------------------
 

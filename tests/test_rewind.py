@@ -208,6 +208,45 @@ def test_replay_with_an_optimizer_whose_state_is_replaced():
     assert torch.equal(state[0]["last"], state2[0]["last"])
 
 
+class TwoPasses(corolux.Trainer):
+    """A custom step with a stage of its own: two forward passes (two dropout masks) per batch."""
+
+    stages = ("on_second_pass",)
+
+    def train_step(self, ctx):
+        ctx.pred = ctx.model(ctx.input)
+        first = ctx.loss_fn(ctx.pred, ctx.target)
+        yield "on_second_pass"
+        ctx.loss = first + ctx.loss_fn(ctx.model(ctx.input), ctx.target)
+        ctx.backward(ctx.loss)
+        yield "on_train_batch_before_step"
+        ctx.step_optimizer()
+        yield "on_train_batch_after_step"
+
+
+def test_replay_of_a_custom_step_from_its_own_stage():
+    def run(rewind: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 10), torch.nn.Dropout(0.5))
+        trainer = TwoPasses(
+            model,
+            loss_fn=F.cross_entropy,
+            optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+            device="cpu",
+            progress=False,
+        )
+        s = trainer.stepper(loader(), epochs=1, rewindable=True)
+        s.until("on_second_pass", when=lambda ctx: ctx.iter == 4)
+        if rewind:
+            assert s.rewind().ctx.iter == 4
+            s.until("on_train_batch_after_step")
+            s.rewind()
+        s.finish()
+        return params(trainer)
+
+    assert same(run(False), run(True))
+
+
 # -- a change takes effect ---------------------------------------------------------------------
 
 
