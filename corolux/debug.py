@@ -11,7 +11,6 @@ driver take it); :meth:`Stepper.from_capture` replays what ``CaptureAnomaly`` wr
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
 from collections import deque
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -20,19 +19,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from corolux._suggest import unknown_stage_message
-from corolux.checkpoint import CheckpointError, callback_key, check_weights, read
+from corolux.capture import describe, replay_run
 from corolux.context import Context
 from corolux.control import graceful_sigint, warn_if_interrupted
-from corolux.data import BatchAt
-from corolux.distributed import is_distributed
 from corolux.driver import context_of
-from corolux.events import ONE_OFF_STAGES, PHASES, SCOPE_STAGES, STEP_STAGES, Event, Stage
-from corolux.rewind import Rewind, Rewinder
+from corolux.events import PHASES, SCOPE_STAGES, Event, Stage
+from corolux.positions import position, tree, unreachable
+from corolux.rewind import Rewind, attach
 
 if TYPE_CHECKING:
     from corolux.history import History
 
-__all__ = ["Stepper", "position", "read_capture"]
+__all__ = ["Stepper", "position"]
 
 #: Target of :meth:`Stepper.until`: a stage name, a collection of names, or a predicate.
 Target = str | Collection[str] | Callable[[Event], Any] | None
@@ -42,31 +40,6 @@ _PHASE_BEGINS = frozenset(SCOPE_STAGES[phase][0] for phase in PHASES)
 _PHASE_ENDS = frozenset(SCOPE_STAGES[phase][3] for phase in PHASES)
 # step() and until() hand back control at these even when they are not the target.
 _PAUSE_ALWAYS = frozenset({Stage.on_exception, Stage.on_interrupt})
-
-
-def position(ctx: Context, stage: str, *, in_phase: bool = False) -> str:
-    """One line saying where ``stage`` is in the run: epoch, phase, batch, stage.
-
-    The batch count reads ``5/?`` when the data has no length. ``in_phase`` says that a
-    phase is open, for the stages that may come anywhere (``on_interrupt``, custom ones).
-
-    Example:
-        >>> position(ctx, "on_train_batch_after_loss")      # doctest: +SKIP
-        'epoch 2/10 · train · batch 5/32 · on_train_batch_after_loss'
-    """
-    parts = []
-    if ctx.kind == "fit" and ctx.epoch:  # past on_fit_begin
-        parts.append(f"epoch {ctx.epoch}/{ctx.max_epochs}")
-    builtin = stage if isinstance(stage, Stage) else None
-    # ctx.in_batch also covers custom and one-off stages yielded inside a batch.
-    in_batch = ctx.in_batch or (builtin is not None and builtin.in_batch)
-    if ctx.phase and (in_batch or in_phase or (builtin is not None and builtin.phase is not None)):
-        parts.append(ctx.phase)
-    if in_batch:
-        total = "?" if ctx.num_batches is None else ctx.num_batches
-        parts.append(f"batch {ctx.iter}/{total}")
-    parts.append(str(stage))
-    return " · ".join(parts)
 
 
 class Stepper:
@@ -118,7 +91,7 @@ class Stepper:
         self._events = events
         self._event: Event | None = None
         self._ctx: Context | None = context_of(events)
-        self._rewinder = _rewinder_for(events, self._ctx) if rewindable else None
+        self._rewinder = attach(events, self._ctx) if rewindable else None
         self._end: str | None = None  # why the run is over, once it is
         self._stack: contextlib.ExitStack | None = None  # set during a call
         self._guarded = False
@@ -167,7 +140,7 @@ class Stepper:
         """Print where the run is, then the tree of stages with the current one marked ``-->``."""
         print(self.where())
         current = None if self._end is not None else self._stage()
-        for depth, stage in _tree(self._ctx):
+        for depth, stage in tree(self._ctx):
             if depth < 0:
                 print(f"    {stage}")
                 continue
@@ -358,40 +331,17 @@ class Stepper:
             CheckpointError: ``path`` is not a capture (a checkpoint, another file), or holds
                 another model or optimizers.
         """
-        state, info = read_capture(path)
-        epoch = info["epoch"]
-        data = BatchAt(info["batch"], info["iter"], info["num_batches"])
-        events = trainer.run(data, epochs=(min(info["min_epochs"], epoch), epoch), callbacks=callbacks)
-        ctx = context_of(events)
-        assert ctx is not None  # trainer.run() made it
+        events, info = replay_run(trainer, path, callbacks)
         try:
-            check_weights(ctx, state)
-            ctx.resume_from = _for_run(state, ctx)
             stepper = cls(events, rewindable=rewindable)
             event = stepper.until(Stage.on_train_batch_begin)
         except BaseException:
-            events.close()  # type: ignore[attr-defined]
+            events.close()
             raise
-        if (
-            event is None
-            or event.stage != Stage.on_train_batch_begin
-            or (ctx.epoch, ctx.iter)
-            != (
-                epoch,
-                info["iter"],
-            )
-        ):
-            return stepper  # paused early (on_exception): the stepper said why
-        total = "?" if info["num_batches"] is None else info["num_batches"]
-        value = info["value"]
-        what = (
-            f"the training loss was {value}"
-            if info["check"] == "loss"
-            else f"{value} had non-finite gradients"
-        )
-        where = f"epoch {epoch} (of {info['max_epochs']}), batch {info['iter']}/{total}"
-        print(f"replaying {str(path)!r}: {where}, where {what} ({info['stage']})")
-        return stepper
+        at = (event.stage, event.ctx.epoch, event.ctx.iter) if event is not None else None
+        if at == (Stage.on_train_batch_begin, info["epoch"], info["iter"]):
+            print(describe(path, info))
+        return stepper  # otherwise paused early (on_exception): the stepper said why
 
     def close(self) -> None:
         """Abandon the run: nothing more is yielded, cleanup runs (teardown, files, bars),
@@ -515,10 +465,10 @@ class Stepper:
                 raise ValueError(unknown_stage_message(name, "Stepper.until()", known))
         if ctx is None:
             return
-        unreachable = _unreachable(ctx)
-        if all(name in unreachable for name in names):
+        never = unreachable(ctx)
+        if all(name in never for name in names):
             first = min(names)
-            raise ValueError(f"Stepper.until(): this run never reaches {str(first)!r}: {unreachable[first]}")
+            raise ValueError(f"Stepper.until(): this run never reaches {str(first)!r}: {never[first]}")
 
     def _ended(self, what: str) -> None:
         last = "" if self._event is None else f" (its last event was {str(self._event.stage)!r})"
@@ -543,110 +493,6 @@ class Stepper:
                 f"{what}: paused at on_interrupt (Ctrl-C): the run is stopping gracefully; "
                 f"finish() ends it and returns the history{again}"
             )
-
-
-def _rewinder_for(events: Iterator[Event], ctx: Context | None) -> Rewinder:
-    """The Rewinder of a rewindable stepper, put in the run's ``ctx`` before it starts."""
-    if ctx is None:
-        raise TypeError(
-            "Stepper(..., rewindable=True) needs the generator of trainer.run(...), whose batches it "
-            f"can keep; got {type(events).__name__}"
-        )
-    if ctx.kind != "fit":
-        raise ValueError(
-            f"Stepper(..., rewindable=True): a run_{ctx.kind}() run has no training batch to rewind; "
-            "rewinding is for trainer.run(...) (or trainer.stepper(..., rewindable=True))"
-        )
-    if inspect.getgeneratorstate(events) != inspect.GEN_CREATED:  # type: ignore[arg-type]
-        raise ValueError(
-            "Stepper(..., rewindable=True): the run has started already, before its batches could be "
-            "kept; build the stepper on a fresh run: trainer.stepper(..., rewindable=True)"
-        )
-    if is_distributed():
-        raise ValueError(
-            "Stepper(..., rewindable=True) under DDP: every rank would have to rewind together; step "
-            "through a single-process run instead"
-        )
-    ctx.rewinder = Rewinder()
-    return ctx.rewinder
-
-
-def read_capture(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Read a ``CaptureAnomaly`` file: its state (a checkpoint's) and what it captured.
-
-    Raises:
-        CheckpointError: not a corolux file, or a checkpoint that is not a capture.
-    """
-    try:
-        state = read(path)
-    except CheckpointError as exc:
-        raise CheckpointError(f"Stepper.from_capture: {exc}; it replays what CaptureAnomaly wrote") from None
-    info = state.get("capture")
-    if not isinstance(info, dict):
-        raise CheckpointError(
-            f"Stepper.from_capture: {str(path)!r} is a corolux checkpoint, not an anomaly capture "
-            "(corolux.callbacks.CaptureAnomaly(path) writes those); a checkpoint resumes with "
-            "trainer.fit(..., resume_from=path)"
-        )
-    return state, info
-
-
-def _for_run(state: dict[str, Any], ctx: Context) -> dict[str, Any]:
-    """The capture's state as a resume of this run: the saved states of its callbacks only."""
-    keys = {
-        key
-        for key, cb in zip(callback_key(ctx.callbacks), ctx.callbacks, strict=True)
-        if callable(getattr(cb, "load_state_dict", None))
-    }
-    return dict(state, callbacks={k: v for k, v in state["callbacks"].items() if k in keys})
-
-
-def _unreachable(ctx: Context) -> dict[str, str]:
-    """Built-in stages this run can never yield, each with the reason."""
-    if ctx.kind == "fit":
-        reasons: dict[str, str] = {s: "fit runs do not predict" for s in Stage if s.phase == "predict"}
-        if ctx.valid_data is None:
-            reasons.update(
-                (s, "it has no validation data (pass valid_data=...)") for s in Stage if s.phase == "valid"
-            )
-        return reasons
-    phase = "valid" if ctx.kind == "evaluate" else "predict"
-    reason = f"it is a run_{ctx.kind}() run"
-    return {
-        s: reason for s in Stage if (s.phase is not None and s.phase != phase) or s.scope in ("fit", "epoch")
-    }
-
-
-def _tree(ctx: Context | None) -> list[tuple[int, str]]:
-    """The stages of this run's kind as ``(depth, stage)``, in order; depth -1 for headings
-    of the stages outside the nesting."""
-
-    def phase(name: str, depth: int) -> list[tuple[int, str]]:
-        begin, batch_begin, batch_end, end = SCOPE_STAGES[name]
-        inner = [s for s in Stage if s in STEP_STAGES[name]]  # in the tree's order
-        return [
-            (depth, begin),
-            (depth + 1, batch_begin),
-            *((depth + 2, s) for s in inner),
-            (depth + 1, batch_end),
-            (depth, end),
-        ]
-
-    if ctx is None or ctx.kind == "fit":
-        epoch = phase("train", 2)
-        if ctx is None or ctx.valid_data is not None:
-            epoch += phase("valid", 2)
-        lines = [(0, Stage.on_fit_begin), (1, Stage.on_epoch_begin), *epoch]
-        lines += [(1, Stage.on_epoch_end), (0, Stage.on_fit_end)]
-    else:
-        lines = phase("valid" if ctx.kind == "evaluate" else "predict", 0)
-    lines.append((-1, "outside the nesting:"))
-    lines.extend((1, s) for s in Stage if s in ONE_OFF_STAGES)
-    custom = sorted(s for s in (ctx.stages if ctx is not None else ()) if s not in _BUILTIN)
-    if custom:
-        lines.append((-1, "custom stages of this trainer:"))
-        lines.extend((1, s) for s in custom)
-    return lines
 
 
 def _failure(exc: BaseException) -> str:

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import operator
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
@@ -52,8 +53,9 @@ import torch
 
 from corolux.checkpoint import rng_snapshot, rng_state, set_rng_state, unwrap
 from corolux.context import Context
+from corolux.distributed import is_distributed
 
-__all__ = ["Failure", "Rewind", "Rewinder"]
+__all__ = ["Failure", "Rewind", "Rewinder", "attach"]
 
 _Tensor = torch.Tensor
 
@@ -261,6 +263,38 @@ class Rewinder:
             cb.load_state_dict(copy.deepcopy(state))  # the kept copy stays for another rewind
         ctx.restore_counters(kept.counters)
         set_rng_state(rng_state(kept.rng))
+
+
+def attach(events: Iterator[Any], ctx: Context | None) -> Rewinder:
+    """Put a Rewinder in the ``ctx`` of the run ``events`` before it starts, and return it
+    (``Stepper(..., rewindable=True)``).
+
+    Raises:
+        TypeError: ``events`` is not a run generator of a trainer.
+        ValueError: not a training run, a run already started, or a DDP run.
+    """
+    if ctx is None:
+        raise TypeError(
+            "Stepper(..., rewindable=True) needs the generator of trainer.run(...), whose batches it "
+            f"can keep; got {type(events).__name__}"
+        )
+    if ctx.kind != "fit":
+        raise ValueError(
+            f"Stepper(..., rewindable=True): a run_{ctx.kind}() run has no training batch to rewind; "
+            "rewinding is for trainer.run(...) (or trainer.stepper(..., rewindable=True))"
+        )
+    if inspect.getgeneratorstate(events) != inspect.GEN_CREATED:  # type: ignore[arg-type]
+        raise ValueError(
+            "Stepper(..., rewindable=True): the run has started already, before its batches could be "
+            "kept; build the stepper on a fresh run: trainer.stepper(..., rewindable=True)"
+        )
+    if is_distributed():
+        raise ValueError(
+            "Stepper(..., rewindable=True) under DDP: every rank would have to rewind together; step "
+            "through a single-process run instead"
+        )
+    ctx.rewinder = Rewinder()
+    return ctx.rewinder
 
 
 class _StateCopies:

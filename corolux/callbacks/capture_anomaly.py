@@ -13,8 +13,8 @@ import torch
 from corolux import checkpoint
 from corolux.callback import Callback
 from corolux.callbacks.terminate_on_nan import is_finite, shown
+from corolux.capture import anomaly_state
 from corolux.context import Context
-from corolux.data import to_device
 
 __all__ = ["CaptureAnomaly"]
 
@@ -126,22 +126,7 @@ class CaptureAnomaly(Callback):
 
     def _capture(self, ctx: Context, what: str, value: str) -> None:
         assert self._start is not None  # taken at this batch's on_train_batch_begin
-        state = checkpoint.capture(ctx, batch_start=self._start)
-        batch = to_device(ctx.batch, torch.device("cpu"))
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()  # sync-ok: after an anomaly; the batch's copies are done
-        state["capture"] = {
-            "check": self.check,
-            "stage": _CHECKS[self.check],
-            "value": value,
-            "epoch": ctx.epoch,
-            "iter": ctx.iter,
-            "num_batches": ctx.num_batches,
-            "min_epochs": ctx.min_epochs,
-            "max_epochs": ctx.max_epochs,
-            "optimizer": ctx.opt_name,
-            "batch": batch,
-        }
+        state = anomaly_state(ctx, self._start, self.check, _CHECKS[self.check], value)
         try:
             checkpoint.write(state, self.path)
         except TypeError as exc:
