@@ -52,6 +52,7 @@ __all__ = [
     "read",
     "restore",
     "resume",
+    "rng_snapshot",
     "rng_state",
     "save",
     "set_rng_state",
@@ -144,14 +145,31 @@ def _stateful(callbacks: list[Any]) -> dict[str, Any]:
     }
 
 
-def rng_state() -> dict[str, Any]:
-    """The RNG states of torch (CPU, every CUDA device), Python ``random`` and NumPy."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": _python_rng()}
+def rng_snapshot() -> dict[str, Any]:
+    """The RNG states of torch (CPU, every CUDA device), Python ``random`` and NumPy as those
+    libraries give them: cheaper to take than :func:`rng_state` (no conversion), for keeping in
+    memory (a rewind, an anomaly capture); :func:`rng_state` turns one into the plain form of
+    a checkpoint. No host-device sync (a CUDA generator's state is its seed and offset)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     numpy = _numpy()
     if numpy is not None:
-        kind, keys, pos, has_gauss, gauss = numpy.random.get_state(legacy=True)
+        state["numpy"] = numpy.random.get_state(legacy=True)
+    return state
+
+
+def rng_state(snapshot: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The RNG states of torch (CPU, every CUDA device), Python ``random`` and NumPy, as
+    tensors and plain values (what checkpoints hold): the current ones, or those of a
+    :func:`rng_snapshot`."""
+    raw = rng_snapshot() if snapshot is None else snapshot
+    version, internal, gauss = raw["python"]
+    state: dict[str, Any] = {"torch": raw["torch"], "python": (version, list(internal), gauss)}
+    if "cuda" in raw:
+        state["cuda"] = raw["cuda"]
+    if "numpy" in raw:
+        kind, keys, pos, has_gauss, gauss = raw["numpy"]
         state["numpy"] = {
             "kind": kind,
             "keys": torch.from_numpy(keys.astype("int64")),
@@ -186,11 +204,6 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         numpy.random.set_state((saved["kind"], keys, saved["pos"], saved["has_gauss"], saved["gauss"]))
 
 
-def _python_rng() -> tuple[int, list[int], float | None]:
-    version, internal, gauss = random.getstate()
-    return version, list(internal), gauss
-
-
 def _numpy() -> Any:
     try:
         import numpy
@@ -211,19 +224,26 @@ def weights_state(ctx: Context) -> dict[str, Any]:
     }
 
 
-def capture(ctx: Context, *, weights: bool = True) -> dict[str, Any]:
+def capture(
+    ctx: Context, *, weights: bool = True, batch_start: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """The full training state of ``ctx``'s run, as tensors and plain values (what
     :func:`save` writes); without ``weights``, all but the model, optimizers and GradScaler
     (``resume_from="last"``, where they are live). Tensors are the live ones (no copies):
     write or copy the result before training goes on.
 
+    ``batch_start`` is the :func:`rng_snapshot` taken as the current training batch began:
+    the state is then that batch's start, taken inside it before its optimizer step (what
+    ``CaptureAnomaly`` writes): that RNG state, and the batch counted as not done.
+
     Raises:
-        RuntimeError: inside a batch before its ``*_batch_end`` (its step is half done).
-        At ``on_train_batch_end`` the checkpoint holds the batch as done; the handlers of
-        that stage that run after the save do not run for it again after a resume (which
-        is why ``AutoResume`` saves once they all ran: ``ctx.after_stage``).
+        RuntimeError: inside a batch before its ``*_batch_end`` (its step is half done),
+        unless ``batch_start`` is given. At ``on_train_batch_end`` the checkpoint holds the
+        batch as done; the handlers of that stage that run after the save do not run for it
+        again after a resume (which is why ``AutoResume`` saves once they all ran:
+        ``ctx.after_stage``).
     """
-    if ctx.in_batch and ctx.stage not in BATCH_ENDS:
+    if batch_start is None and ctx.in_batch and ctx.stage not in BATCH_ENDS:
         raise RuntimeError(
             f"a checkpoint cannot be taken inside a batch (at {str(ctx.stage)!r}): its step is "
             "half done; save at on_train_batch_end or later (AutoResume(every_n_steps=...) does)"
@@ -251,9 +271,9 @@ def capture(ctx: Context, *, weights: bool = True) -> dict[str, Any]:
         "callbacks": {key: cb.state_dict() for key, cb in stateful.items()},
         # callbacks whose state differs between DDP ranks (the metrics' sums): saved per rank
         "per_rank": [key for key, cb in stateful.items() if getattr(cb, "per_rank_state", False)],
-        "rng": rng_state(),
+        "rng": rng_state(batch_start),
         "data_generators": _data_generators(ctx),
-        "position": _position(ctx),
+        "position": _position(ctx, current_done=batch_start is None),
     }
 
 
@@ -267,12 +287,13 @@ def _data_generators(ctx: Context) -> dict[str, list[torch.Tensor | None]]:
     }
 
 
-def _position(ctx: Context) -> dict[str, Any] | None:
+def _position(ctx: Context, current_done: bool = True) -> dict[str, Any] | None:
     """Where inside an epoch the run stands, or None between epochs (and before an epoch's
-    pass over the training data began, which resumes at the epoch's start)."""
+    pass over the training data began, which resumes at the epoch's start); without
+    ``current_done``, the current batch counts as not done (a state of its start)."""
     if ctx.kind != "fit" or ctx.data_state is None or ctx.epoch <= ctx.completed_epochs:
         return None
-    done = ctx.iter
+    done = ctx.iter if current_done else ctx.iter - 1
     if ctx.phase == "train" and ctx.skipped and ctx.history.interrupted:
         done -= 1  # the batch Ctrl-C cut is not trained: it runs again
     return {

@@ -99,6 +99,7 @@ class Context:
         "resume_from",
         "data_state",
         "timing",
+        "rewinder",
         "_in_batch",
         "_backward_iter",
         "_validation_skipped",
@@ -187,6 +188,9 @@ class Context:
         #: When a dict (``Profile`` sets one), the loop adds to ``timing["<phase>_data"]`` the
         #: seconds each phase waits for the data to give its next batch.
         self.timing: dict[str, float] | None = None
+        #: A rewindable ``Stepper``'s :class:`corolux.rewind.Rewinder` (None otherwise): the
+        #: loop's training passes keep each batch's starting state through it.
+        self.rewinder: Any = None
         self._in_batch = False
         self._backward_iter = 0
         self._validation_skipped = False
@@ -460,6 +464,40 @@ class Context:
             self.zero_grad()  # this batch's gradients must not reach the next step
         if self.precision.scaler is not None:
             self.precision.update()
+
+    def counters(self) -> tuple[Any, ...]:
+        """For a rewind (``corolux.rewind``), taken before a training batch begins: the
+        counters, records and control state that the batch may change."""
+        history = self.history
+        return (
+            self.epoch,
+            self.iter,
+            self.step,
+            self.stop_reason,
+            dict(self.metrics),
+            history.interrupted,
+            self._backward_iter,
+            self._validation_skipped,
+        )
+
+    def restore_counters(self, kept: tuple[Any, ...]) -> None:
+        """For a rewind: put back what :meth:`counters` returned; the batch that is abandoned
+        leaves no exception, skip or pending signal behind (emitted stages, after-stage work,
+        a graceful stop that its ``on_interrupt`` began)."""
+        (
+            self.epoch,
+            self.iter,
+            self.step,
+            self.stop_reason,
+            metrics,
+            self.history.interrupted,
+            self._backward_iter,
+            self._validation_skipped,
+        ) = kept
+        self.metrics = dict(metrics)
+        self.exception = None
+        self.skipped = False
+        self.signals.rewind()
 
     def end_batches(self) -> None:
         """For the loop: the phase's batches are over (or the data failed while the next one

@@ -203,6 +203,15 @@ class Signals:
         self.sigints += 1
         self.keyboard_interrupt()
 
+    def rewind(self) -> None:
+        """For a rewind (``Stepper.rewind()``): drop what the abandoned batch queued (emitted
+        stages, after-stage work) and call off a graceful stop it began (-> idle)."""
+        self.emitted.clear()
+        self.after.clear()
+        self._requested = self._stopping = False
+        self.sigints = 0
+        self._recompute()
+
     def begin_stop(self, exc: KeyboardInterrupt) -> None:
         """For the loop, which caught ``exc``: begin the graceful stop (requested or idle ->
         stopping), or re-raise ``exc`` when this Ctrl-C aborts."""

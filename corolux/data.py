@@ -22,6 +22,7 @@ from torch.utils.data import (
 )
 
 __all__ = [
+    "BatchAt",
     "ShardSampler",
     "TensorBatches",
     "default_unpack",
@@ -235,6 +236,47 @@ class TensorBatches:
         return f"TensorBatches({shapes}, batch_size={self.batch_size}, shuffle={self.shuffle})"
 
 
+class BatchAt:
+    """One training batch at its place in a pass: the ``index``-th (1-based) of ``total``
+    batches (None: a pass without a length). What ``Stepper.from_capture`` trains on: a pass
+    resumed after ``index - 1`` batches (:func:`resume_batches`) yields this batch alone and
+    ends; ``len()`` is the whole pass's, so the counters read as in the run it came from.
+
+    Example:
+        >>> data = BatchAt((torch.zeros(2, 3), torch.zeros(2)), index=4, total=10)
+        >>> len(data), len(list(resume_batches(data, pass_state(data), 3, lambda: None)))
+        (10, 1)
+    """
+
+    def __init__(self, batch: Any, index: int, total: int | None) -> None:
+        self.batch = batch
+        self.index = index
+        self.total = total
+
+    def __len__(self) -> int:
+        if self.total is None:
+            raise TypeError("BatchAt: the pass it comes from has no length")
+        return self.total
+
+    def __iter__(self) -> Iterator[Any]:
+        raise TypeError(
+            f"BatchAt holds batch {self.index} alone, not the batches before it: it is read by a "
+            "pass resumed after them (Stepper.from_capture runs one)"
+        )
+
+    def iter_from(self, skip: int, then: Callable[[], None]) -> Iterator[Any]:
+        """The pass resumed after ``skip`` batches, which must be those before this one:
+        ``then()`` runs, then the batch comes."""
+        if skip != self.index - 1:
+            raise ValueError(f"BatchAt holds batch {self.index}, not the one after {skip} batches")
+        then()
+        yield self.batch
+
+    def __repr__(self) -> str:
+        total = "?" if self.total is None else self.total
+        return f"BatchAt(batch {self.index}/{total})"
+
+
 def _pinned(shape: tuple[int, ...] | torch.Size, like: torch.Tensor) -> torch.Tensor:
     """Page-locked host memory for one batch (from torch's caching host allocator, which keeps a
     block until the non-blocking copy reading it has finished)."""
@@ -436,9 +478,9 @@ def pass_state(data: Any) -> dict[str, Any]:
 
 def fast_forward_problem(data: Any) -> str | None:
     """Why a pass over ``data`` cannot be resumed at a given batch by index, or None when it
-    can: corolux's in-memory batches, a list or tuple of batches, and a DataLoader over a
-    map-style Dataset with one of torch's samplers."""
-    if isinstance(data, (TensorBatches, list, tuple)):
+    can: corolux's in-memory batches, a list or tuple of batches, a :class:`BatchAt`, and a
+    DataLoader over a map-style Dataset with one of torch's samplers."""
+    if isinstance(data, (TensorBatches, BatchAt, list, tuple)):
         return None
     if isinstance(data, DataLoader):
         if type(data) is not DataLoader:
@@ -463,7 +505,7 @@ def resume_batches(data: Any, state: Mapping[str, Any], skip: int, then: Callabl
     for generator, saved in zip(generators_of(data), state["generators"], strict=False):
         if generator is not None and saved is not None:
             generator.set_state(saved)
-    if isinstance(data, TensorBatches):
+    if isinstance(data, (TensorBatches, BatchAt)):
         return data.iter_from(skip, then)
     if isinstance(data, DataLoader):
         return iter(_rebuilt(data, batch_sampler=_SkipBatches(data.batch_sampler, skip, then)))

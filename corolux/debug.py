@@ -2,23 +2,30 @@
 
 A ``Stepper`` is one more driver of the generator that ``Trainer.run()`` returns, like
 ``fit()`` and a ``for`` loop: callbacks run exactly as under ``fit()``, and nothing in the
-loop or the driver knows about it, so a run without a stepper pays nothing for it.
+loop or the driver knows about it, so a run without a stepper pays nothing for it. A
+rewindable one puts a ``Rewinder`` in ``ctx.rewinder`` before the run starts and throws
+``Rewind`` into it for :meth:`Stepper.rewind` (``corolux.rewind`` says how the loop and the
+driver take it); :meth:`Stepper.from_capture` replays what ``CaptureAnomaly`` wrote.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections import deque
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from corolux._suggest import unknown_stage_message
+from corolux.capture import describe, replay_run
 from corolux.context import Context
 from corolux.control import graceful_sigint, warn_if_interrupted
 from corolux.driver import context_of
-from corolux.events import ONE_OFF_STAGES, PHASES, SCOPE_STAGES, STEP_STAGES, Event, Stage
+from corolux.events import PHASES, SCOPE_STAGES, Event, Stage
+from corolux.positions import position, tree, unreachable
+from corolux.rewind import Rewind, attach
 
 if TYPE_CHECKING:
     from corolux.history import History
@@ -33,31 +40,6 @@ _PHASE_BEGINS = frozenset(SCOPE_STAGES[phase][0] for phase in PHASES)
 _PHASE_ENDS = frozenset(SCOPE_STAGES[phase][3] for phase in PHASES)
 # step() and until() hand back control at these even when they are not the target.
 _PAUSE_ALWAYS = frozenset({Stage.on_exception, Stage.on_interrupt})
-
-
-def position(ctx: Context, stage: str, *, in_phase: bool = False) -> str:
-    """One line saying where ``stage`` is in the run: epoch, phase, batch, stage.
-
-    The batch count reads ``5/?`` when the data has no length. ``in_phase`` says that a
-    phase is open, for the stages that may come anywhere (``on_interrupt``, custom ones).
-
-    Example:
-        >>> position(ctx, "on_train_batch_after_loss")      # doctest: +SKIP
-        'epoch 2/10 · train · batch 5/32 · on_train_batch_after_loss'
-    """
-    parts = []
-    if ctx.kind == "fit" and ctx.epoch:  # past on_fit_begin
-        parts.append(f"epoch {ctx.epoch}/{ctx.max_epochs}")
-    builtin = stage if isinstance(stage, Stage) else None
-    # ctx.in_batch also covers custom and one-off stages yielded inside a batch.
-    in_batch = ctx.in_batch or (builtin is not None and builtin.in_batch)
-    if ctx.phase and (in_batch or in_phase or (builtin is not None and builtin.phase is not None)):
-        parts.append(ctx.phase)
-    if in_batch:
-        total = "?" if ctx.num_batches is None else ctx.num_batches
-        parts.append(f"batch {ctx.iter}/{total}")
-    parts.append(str(stage))
-    return " · ".join(parts)
 
 
 class Stepper:
@@ -78,6 +60,10 @@ class Stepper:
 
     Args:
         events: the generator of ``Trainer.run()`` (or ``run_evaluate()``, ``run_predict()``).
+        rewindable: keep the state of each training batch as it begins, so that
+            :meth:`rewind` can run the batch again (``corolux.rewind``: a device-side copy of
+            the parameters and optimizer state per batch, no host sync). Off, the run
+            pays nothing for it.
 
     Example:
         >>> import torch, corolux
@@ -94,7 +80,7 @@ class Stepper:
         3
     """
 
-    def __init__(self, events: Iterator[Event]) -> None:
+    def __init__(self, events: Iterator[Event], rewindable: bool = False) -> None:
         if not isinstance(events, Iterator):
             hint = (
                 "trainer.stepper(data, epochs=...) or corolux.Stepper(trainer.run(data, epochs=...))"
@@ -105,6 +91,7 @@ class Stepper:
         self._events = events
         self._event: Event | None = None
         self._ctx: Context | None = context_of(events)
+        self._rewinder = attach(events, self._ctx) if rewindable else None
         self._end: str | None = None  # why the run is over, once it is
         self._stack: contextlib.ExitStack | None = None  # set during a call
         self._guarded = False
@@ -153,7 +140,7 @@ class Stepper:
         """Print where the run is, then the tree of stages with the current one marked ``-->``."""
         print(self.where())
         current = None if self._end is not None else self._stage()
-        for depth, stage in _tree(self._ctx):
+        for depth, stage in tree(self._ctx):
             if depth < 0:
                 print(f"    {stage}")
                 continue
@@ -252,6 +239,110 @@ class Stepper:
         warn_if_interrupted(self._ctx, "Stepper.finish()")
         return self._ctx.history
 
+    def rewind(self) -> Event:
+        """Go back to the start of the current training batch and pause at its
+        ``on_train_batch_begin`` again; return that event.
+
+        Everything the batch changed is put back as it was when the batch began (parameters,
+        buffers, gradients, optimizers, GradScaler, every RNG, counters, the epoch's metrics,
+        stateful callbacks; see ``corolux.rewind``), and the batch is the same one. Change
+        what you like (``s.ctx.input``, a learning rate in ``s.ctx.opt.param_groups``, a
+        callback's setting) and step on; with no change, the batch runs again bit for bit.
+        Valid at any stage of a training batch, at its ``on_train_batch_end``, and at an
+        ``on_exception`` or ``on_interrupt`` raised inside it (the error is then dropped,
+        the graceful stop called off). Needs ``rewindable=True``.
+
+        Example:
+            >>> s = trainer.stepper(data, epochs=2, rewindable=True)       # doctest: +SKIP
+            >>> s.until("on_train_batch_after_step", when=lambda ctx: ctx.iter == 3)  # doctest: +SKIP
+            >>> s.rewind()                                                 # doctest: +SKIP
+            Event('on_train_batch_begin', epoch=1, iter=3)
+            >>> s.ctx.input = s.ctx.input * 2                              # doctest: +SKIP
+
+        Raises:
+            RuntimeError: the stepper was built without ``rewindable=True``; the run has not
+                started or is over; it is not inside a training batch (only the current
+                batch's start is kept: there is no going back past it).
+        """
+        rewinder = self._rewinder
+        if rewinder is None:
+            raise RuntimeError(
+                "rewind(): this stepper was built without rewindable=True, so no batch's start was "
+                "kept; build it with trainer.stepper(..., rewindable=True) or "
+                "corolux.Stepper(trainer.run(...), rewindable=True) (each training batch's state is "
+                "then kept in memory: one copy of the parameters and optimizer state)"
+            )
+        if self._end is not None:
+            raise RuntimeError(
+                f"rewind(): the run is over ({self._end}); start another with "
+                "trainer.stepper(..., rewindable=True)"
+            )
+        if self._event is None or self._ctx is None:
+            raise RuntimeError("rewind(): the run has not started; step() takes it to its first event")
+        problem = rewinder.problem(self._ctx)
+        if problem is not None:
+            raise RuntimeError(
+                f"rewind() at {self.where()}: {problem}; rewind() goes back to the start of the "
+                "training batch the run is in (only that batch's state is kept, so not past it): "
+                "use it from on_train_batch_begin up to on_train_batch_end, or at an on_exception "
+                "or on_interrupt raised inside the batch"
+            )
+        rewinder.request()
+        with self._call():
+            event = self._advance(Rewind())
+        if event is None:  # cannot happen: the loop yields the batch's begin
+            self._ended("rewind()")
+            raise RuntimeError("rewind(): the run ended instead of restarting the batch")
+        return event
+
+    @classmethod
+    def from_capture(
+        cls,
+        trainer: Any,
+        path: str | os.PathLike[str],
+        *,
+        callbacks: Sequence[Any] | None = None,
+        rewindable: bool = True,
+    ) -> Stepper:
+        """Replay the batch a ``CaptureAnomaly`` file holds: pause at its
+        ``on_train_batch_begin``, restored to its start (weights, optimizers, GradScaler,
+        counters, history, callbacks' states, RNG), so that stepping on shows what failed.
+
+        The run holds that batch alone, at its place (same epoch, ``iter`` and batch count):
+        after it the training pass ends (the rest of the epoch is not in the capture), and the
+        run with that epoch (its ``max_epochs``). It works in any process.
+
+        Args:
+            trainer: a trainer built as for the failing run (same model, optimizers, loss
+                function and precision); a capture of another model is refused.
+            path: the file ``CaptureAnomaly`` wrote.
+            callbacks: the callbacks that shape the step as in the failing run (``MixUp``,
+                ``GradientAccumulation``, ``GradientClip``, ...); their saved states are
+                restored. Saved states of callbacks not given are left out.
+            rewindable: keep the batch's start, so that :meth:`rewind` can run it again.
+
+        Example:
+            >>> s = corolux.Stepper.from_capture(trainer, "anomaly.pt")      # doctest: +SKIP
+            replaying 'anomaly.pt': epoch 2 (of 5), batch 7/24, where the training loss was nan (...)
+            >>> s.until("on_train_batch_after_loss").ctx.loss                # doctest: +SKIP
+            tensor(nan, grad_fn=<NllLossBackward0>)
+
+        Raises:
+            CheckpointError: ``path`` is not a capture (a checkpoint, another file), or holds
+                another model or optimizers.
+        """
+        events, info = replay_run(trainer, path, callbacks)
+        try:
+            stepper = cls(events, rewindable=rewindable)
+            event = stepper.until(Stage.on_train_batch_begin)
+        except BaseException:
+            events.close()
+            raise
+        at = (event.stage, event.ctx.epoch, event.ctx.iter) if event is not None else None
+        if at == (Stage.on_train_batch_begin, info["epoch"], info["iter"]):
+            print(describe(path, info))
+        return stepper  # otherwise paused early (on_exception): the stepper said why
+
     def close(self) -> None:
         """Abandon the run: nothing more is yielded, cleanup runs (teardown, files, bars),
         and the trainer can start another run. Closing twice is harmless."""
@@ -305,10 +396,11 @@ class Stepper:
             self._stack.enter_context(graceful_sigint(self._ctx.signals))
             self._guarded = True
 
-    def _advance(self) -> Event | None:
-        """The next event, or None at the end of the run. Never leaks StopIteration."""
+    def _advance(self, rewind: Rewind | None = None) -> Event | None:
+        """The next event (after throwing ``rewind`` into the run, when given), or None at
+        the end of the run. Never leaks StopIteration."""
         try:
-            event = next(self._events)
+            event = next(self._events) if rewind is None else self._events.throw(rewind)  # type: ignore[attr-defined]
         except StopIteration:
             self._end = "finished"
             return None
@@ -373,10 +465,10 @@ class Stepper:
                 raise ValueError(unknown_stage_message(name, "Stepper.until()", known))
         if ctx is None:
             return
-        unreachable = _unreachable(ctx)
-        if all(name in unreachable for name in names):
+        never = unreachable(ctx)
+        if all(name in never for name in names):
             first = min(names)
-            raise ValueError(f"Stepper.until(): this run never reaches {str(first)!r}: {unreachable[first]}")
+            raise ValueError(f"Stepper.until(): this run never reaches {str(first)!r}: {never[first]}")
 
     def _ended(self, what: str) -> None:
         last = "" if self._event is None else f" (its last event was {str(self._event.stage)!r})"
@@ -386,64 +478,21 @@ class Stepper:
         print(f"{what}: the run is over ({self._end}); start another with trainer.stepper(...)")
 
     def _paused_early(self, event: Event, what: str) -> None:
+        again = (
+            ""
+            if self._rewinder is None or self._rewinder.problem(event.ctx) is not None
+            else "; s.rewind() runs the batch again"
+        )
         if event.stage == Stage.on_exception:
             print(
                 f"{what}: paused at on_exception: {event.ctx.exception!r} is escaping; look "
-                "at ctx (ctx.exception, ctx.batch, ...), then step() re-raises it"
+                f"at ctx (ctx.exception, ctx.batch, ...), then step() re-raises it{again}"
             )
         else:
             print(
                 f"{what}: paused at on_interrupt (Ctrl-C): the run is stopping gracefully; "
-                "finish() ends it and returns the history"
+                f"finish() ends it and returns the history{again}"
             )
-
-
-def _unreachable(ctx: Context) -> dict[str, str]:
-    """Built-in stages this run can never yield, each with the reason."""
-    if ctx.kind == "fit":
-        reasons: dict[str, str] = {s: "fit runs do not predict" for s in Stage if s.phase == "predict"}
-        if ctx.valid_data is None:
-            reasons.update(
-                (s, "it has no validation data (pass valid_data=...)") for s in Stage if s.phase == "valid"
-            )
-        return reasons
-    phase = "valid" if ctx.kind == "evaluate" else "predict"
-    reason = f"it is a run_{ctx.kind}() run"
-    return {
-        s: reason for s in Stage if (s.phase is not None and s.phase != phase) or s.scope in ("fit", "epoch")
-    }
-
-
-def _tree(ctx: Context | None) -> list[tuple[int, str]]:
-    """The stages of this run's kind as ``(depth, stage)``, in order; depth -1 for headings
-    of the stages outside the nesting."""
-
-    def phase(name: str, depth: int) -> list[tuple[int, str]]:
-        begin, batch_begin, batch_end, end = SCOPE_STAGES[name]
-        inner = [s for s in Stage if s in STEP_STAGES[name]]  # in the tree's order
-        return [
-            (depth, begin),
-            (depth + 1, batch_begin),
-            *((depth + 2, s) for s in inner),
-            (depth + 1, batch_end),
-            (depth, end),
-        ]
-
-    if ctx is None or ctx.kind == "fit":
-        epoch = phase("train", 2)
-        if ctx is None or ctx.valid_data is not None:
-            epoch += phase("valid", 2)
-        lines = [(0, Stage.on_fit_begin), (1, Stage.on_epoch_begin), *epoch]
-        lines += [(1, Stage.on_epoch_end), (0, Stage.on_fit_end)]
-    else:
-        lines = phase("valid" if ctx.kind == "evaluate" else "predict", 0)
-    lines.append((-1, "outside the nesting:"))
-    lines.extend((1, s) for s in Stage if s in ONE_OFF_STAGES)
-    custom = sorted(s for s in (ctx.stages if ctx is not None else ()) if s not in _BUILTIN)
-    if custom:
-        lines.append((-1, "custom stages of this trainer:"))
-        lines.extend((1, s) for s in custom)
-    return lines
 
 
 def _failure(exc: BaseException) -> str:

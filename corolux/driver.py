@@ -10,11 +10,18 @@ own). Class handlers are sorted once per run; a coroutine is merged in among the
 starts waiting for a stage (the stage it waits for changes as it runs), and at delivery
 when a filter of it is due. A stage nobody listens to costs one dict look-up; in a run
 without a consumer (``fit()``) the loop passes over the batch stages nobody listens to.
+
+A rewindable run (``corolux.rewind``) adds two cold paths: the loop may yield a ``Failure``
+(an error of a training batch's step), which the driver raises as if it had escaped, and
+``Stepper.rewind()`` throws ``Rewind`` at the consumer's yield, which the driver passes into
+the loop (an error it was delivering at ``on_exception`` then no longer escapes).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
+import itertools
 import operator
 import warnings
 import weakref
@@ -27,12 +34,13 @@ from corolux.callback import CoroutineCallback, handlers_of, weight_of
 from corolux.context import Context
 from corolux.control import ControlSignal
 from corolux.events import Event, Filter, Stage
+from corolux.rewind import Failure, Rewind
 
 __all__ = ["Driver", "check_callbacks", "context_of"]
 
 _NEVER = float("inf")
 _ORDER = operator.itemgetter(0, 1)  # handlers run by (weight, position)
-Loop = Generator[Stage | str, None, None]
+Loop = Generator[Stage | str | Failure, None, None]
 #: Builds the run's loop generator, given the stages it may pass over.
 MakeLoop = Callable[[frozenset[str]], Loop]
 Entry = tuple[float, int, Callable[[Context], Any], Any]  # (weight, position, handler, owner)
@@ -265,7 +273,7 @@ class Driver:
         pass_over: frozenset[str] = frozenset()
         if not consumer and not self.counting:
             pass_over = frozenset(stage for stage, slot in slots.items() if not slot.watched)
-        stages: Iterable[str] = ()
+        stages: Iterable[str | Failure] = ()
         entered: AbstractContextManager[Any] | None = None
         try:
             while True:
@@ -280,9 +288,10 @@ class Driver:
                     # stage the loop yields goes through here, and on_exception after it.
                     for stage in stages:
                         try:
-                            slot = slots[stage]
+                            slot = slots[stage]  # type: ignore[index]  # a Failure: KeyError
                         except KeyError:
-                            raise self._unknown(stage) from None
+                            failure = self._failure(stage)  # or a ValueError for an unknown stage
+                            break
                         if slot.watched:
                             handlers, owners = slot.handlers, slot.owners
                             if slot.counting:  # a run with coroutines counts, for every()
@@ -293,10 +302,19 @@ class Driver:
                                 try:
                                     handler(ctx)
                                 except BaseException as exc:
-                                    self._failed(exc, owners[handlers.index(handler)], stage)
+                                    self._failed(exc, owners[handlers.index(handler)], slot.stage)
                         if consumer:
                             yield slot.event
-                    break
+                    else:
+                        break
+                    # A rewindable run's step failed inside a training batch: raised here, outside
+                    # the except above, as if it had escaped the loop, which waits in the batch.
+                    raise failure.error
+                except Rewind as rewind:  # Stepper.rewind() threw it at the yield (corolux.rewind)
+                    if loop is None or inspect.getgeneratorstate(loop) == inspect.GEN_CLOSED:
+                        raise RuntimeError("rewind(): the loop did not restart the batch") from None
+                    escaping = self._annotated = None  # a rewind from on_exception: nothing escapes
+                    stages = itertools.chain(_thrown(loop, rewind), loop)
                 except Exception as exc:
                     if escaping is None:  # setup, the loop, a step or a handler failed
                         escaping = exc
@@ -306,6 +324,8 @@ class Driver:
                     if exc is not self._annotated:  # the consumer threw into the generator
                         raise
                     escaping.add_note(f"and while handling it, on_exception raised {exc!r}")
+                    if ctx.rewinder is not None:
+                        ctx.rewinder.refuse("an on_exception handler failed while the error escaped")
                     if consumer:
                         yield slots[Stage.on_exception].event
                     break
@@ -344,8 +364,12 @@ class Driver:
         their first stage); nothing else ran, so there is nothing else to clean up."""
         self._close_coroutines()
 
-    def _unknown(self, stage: Any) -> ValueError:
-        return ValueError(unknown_stage_message(stage, "the step's yields", self.stages))
+    def _failure(self, stage: Any) -> Failure:
+        """What the loop yielded that is not a stage: a rewindable run's :class:`Failure`,
+        returned; anything else is an unknown stage (raised)."""
+        if type(stage) is Failure:
+            return stage
+        raise ValueError(unknown_stage_message(stage, "the step's yields", self.stages)) from None
 
     # -- coroutines ----------------------------------------------------------------------------
 
@@ -493,6 +517,11 @@ class Driver:
             slot.waiters = []
             slot.filters = []
             slot.refresh()
+
+
+def _thrown(loop: Loop, rewind: Rewind) -> Iterator[Stage | str | Failure]:
+    """The stage the loop yields when ``rewind`` is thrown into it (the batch's begin)."""
+    yield loop.throw(rewind)
 
 
 _METHOD = {

@@ -18,6 +18,14 @@ calls in the same order, ``ctx.stage`` and the signals as at its stages (``_flat
 
 A consumer's ``close()`` arrives as ``GeneratorExit`` at a yield: nothing here catches it,
 so cleanup runs (``with`` blocks, ``finally``) and nothing more is yielded.
+
+*Rewinds* (``corolux.rewind``), in a run that a rewindable ``Stepper`` drives (``ctx.rewinder``
+set): a training pass draws its batches through the rewinder, which keeps each batch's
+starting state; a ``Rewind`` thrown in at a yield of a training batch (its stages, its
+``on_train_batch_end``, an ``on_interrupt`` inside it) abandons the batch (its step is
+closed) and asks for the next batch, which the rewinder gives again, restored; an error of
+the batch's step is yielded as a ``Failure`` instead of raised, so that it can be rewound
+too. Without a rewinder none of this runs (the ``except`` clauses cost nothing untaken).
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from corolux.data import (
     to_device,
 )
 from corolux.events import BATCH_ENDS, SCOPE_STAGES, STEP_STAGES, Stage
+from corolux.rewind import Failure, Rewind
 
 __all__ = [
     "compute_loss",
@@ -58,7 +67,7 @@ __all__ = [
 ]
 
 Step = Callable[[Context], Generator[Stage | str, None, None]]
-Loop = Generator[Stage | str, None, None]
+Loop = Generator[Stage | str | Failure, None, None]  # a Failure in a rewindable run only
 
 _Tensor = torch.Tensor
 
@@ -348,6 +357,9 @@ def _phase(
                 batches = resume_batches(
                     data, resume.data_state, resume.batches_done, lambda: set_rng_state(rng)
                 )
+            rewinder = ctx.rewinder if training else None
+            if rewinder is not None:  # a rewindable Stepper: each batch's start is kept (corolux.rewind)
+                batches = rewinder.batches(ctx, batches)
             if ctx.timing is not None:  # Profile: time what waiting for data costs (a frame per batch)
                 batches = _timed(batches, ctx.timing, f"{phase}_data")
             for batch in batches:
@@ -426,13 +438,33 @@ def _phase(
                     ctx.skipped = True  # an interrupted batch is neither counted nor kept
                     if stages is not None:
                         stages.close()  # the step's own cleanup (with blocks) runs before on_interrupt
-                    yield from _interrupt(ctx, exc)
+                    try:
+                        yield from _interrupt(ctx, exc)
+                    except Rewind:  # Stepper.rewind() at this batch's on_interrupt
+                        continue
+                # Only a rewindable Stepper's run gets here (a Rewinder is set; try costs nothing).
+                except Rewind:  # Stepper.rewind(): the batch starts again, restored (corolux.rewind)
+                    if stages is not None:
+                        stages.close()
+                    continue  # the rewinder's batches give this batch again
+                except Exception as exc:
+                    if rewinder is None:
+                        raise
+                    if stages is not None:
+                        stages.close()
+                    try:  # the driver raises it (on_exception) while the batch stays open to a rewind
+                        yield Failure(exc)
+                    except Rewind:
+                        continue
+                    raise  # resumed otherwise (never by the driver): the error escapes, as without
                 try:
                     ctx.stage = batch_end
                     if yield_end:
                         yield batch_end
                     if signals.pending:
                         yield from _attend(ctx)
+                except Rewind:  # Stepper.rewind() at on_train_batch_end
+                    continue
                 finally:  # also when a Ctrl-C during *_batch_end ends the phase: this batch is done
                     if outputs is not None and not ctx.skipped:
                         outputs.append(ctx.pred)
@@ -518,7 +550,9 @@ def _settle(ctx: Context) -> None:
         ctx.zero_grad()
 
 
-def _checked_step(step: Step, allowed: Mapping[str, str], begin: Stage, ctx: Context) -> Loop:
+def _checked_step(
+    step: Step, allowed: Mapping[str, str], begin: Stage, ctx: Context
+) -> Generator[Stage | str, None, None]:
     """Run a custom step, checking each stage it yields against ``allowed`` (given as its
     Stage member, so the loop finds it by identity)."""
     stages = step(ctx)

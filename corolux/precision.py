@@ -117,5 +117,30 @@ class Precision:
             self._stepped = False
             self._unscaled.clear()
 
+    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The GradScaler's scale and growth tracker, cloned on their device, for a rewind
+        (``corolux.rewind``): no host sync, where ``state_dict()`` would read the scale on
+        the host. None without a GradScaler, or before its first ``scale()``."""
+        scaler = self.scaler
+        # torch's GradScaler keeps what update() changes in these two device tensors.
+        if scaler is None or scaler._scale is None or scaler._growth_tracker is None:
+            return None
+        return scaler._scale.clone(), scaler._growth_tracker.clone()
+
+    def restore(self, kept: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """Put back what :meth:`snapshot` returned, as if the current batch had not scaled,
+        unscaled or stepped anything (a rewind)."""
+        scaler = self.scaler
+        if scaler is None:
+            return
+        self.update()  # forgets this batch's unscaling and steps (the scale it sets is replaced)
+        if kept is None:
+            scaler._scale = scaler._growth_tracker = None  # made again at the next scale()
+        else:
+            assert scaler._scale is not None and scaler._growth_tracker is not None
+            scaler._scale.copy_(kept[0])
+            scaler._growth_tracker.copy_(kept[1])
+        self._ran, self._found_inf = True, None
+
     def __repr__(self) -> str:
         return f"Precision({self.name!r})"

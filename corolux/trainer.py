@@ -452,7 +452,14 @@ class Trainer:
             raise TypeError(
                 f"resume_from must be a checkpoint path or 'last', got {type(resume_from).__name__}"
             )
-        return checkpoint.read(resume_from)
+        state = checkpoint.read(resume_from)
+        if "capture" in state:
+            raise checkpoint.CheckpointError(
+                f"{str(resume_from)!r} is an anomaly capture (CaptureAnomaly), not a checkpoint to resume "
+                f"from: replay its batch with corolux.Stepper.from_capture(trainer, {str(resume_from)!r}); "
+                "trainer.load_checkpoint(path) loads its weights (the failing batch's starting weights)"
+            )
+        return state
 
     def _finished_fit(self, ctx: Context) -> None:
         """At the end of a fit run: keep its training state for ``resume_from="last"``."""
@@ -654,11 +661,14 @@ class Trainer:
         with graceful_sigint(driver.ctx.signals):
             deque(gen, maxlen=0)
 
-    def stepper(self, *args: Any, **kwargs: Any) -> Any:
-        """Step through ``run(*args, **kwargs)`` in a REPL: ``corolux.Stepper(self.run(...))``."""
+    def stepper(self, *args: Any, rewindable: bool = False, **kwargs: Any) -> Any:
+        """Step through ``run(*args, **kwargs)`` in a REPL: ``corolux.Stepper(self.run(...))``.
+
+        ``rewindable=True`` keeps each training batch's starting state, so that
+        ``s.rewind()`` can run the batch again (see ``corolux.Stepper.rewind``)."""
         from corolux.debug import Stepper
 
-        return Stepper(self.run(*args, **kwargs))
+        return Stepper(self.run(*args, **kwargs), rewindable=rewindable)
 
     def __repr__(self) -> str:
         return (

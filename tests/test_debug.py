@@ -451,12 +451,13 @@ def test_no_stepper_code_runs_in_fit():
 
 def test_tutorial_runs_as_written():
     """examples/debug_session.md is a REPL session: every line runs and prints what it shows."""
-    failures, tried = doctest.testfile(
-        str(ROOT / "examples" / "debug_session.md"),
-        module_relative=False,
-        optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
-        verbose=False,
-    )
+    with pytest.warns(RuntimeWarning, match="CaptureAnomaly: the training loss is inf"):  # section 12
+        failures, tried = doctest.testfile(
+            str(ROOT / "examples" / "debug_session.md"),
+            module_relative=False,
+            optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
+            verbose=False,
+        )
     assert tried > 10 and failures == 0
 
 
@@ -543,3 +544,124 @@ def test_a_real_interactive_session(tmp_path):
         child.expect(pexpect.EOF)
     finally:
         child.close(force=True)
+
+
+# -- until() against the events step() gives; on_exception once per error -----------------------
+
+
+def _key(event) -> tuple[str, int, int]:
+    return (str(event.stage), event.ctx.epoch, event.ctx.iter)
+
+
+def _stream(make) -> list[tuple[str, int, int]]:
+    """Every event of the run that ``make()`` builds, as step() gives them."""
+    s = make()
+    events = []
+    while (event := s.step()) is not None:
+        events.append(_key(event))
+    return events
+
+
+class Twice(corolux.Trainer):
+    stages = ("on_custom",)
+
+
+class EmitTwice(corolux.Callback):
+    """Emits the custom stage twice at each batch end: two events of one stage in a row."""
+
+    def on_train_batch_end(self, ctx):
+        ctx.emit("on_custom")
+        ctx.emit("on_custom")
+
+
+def _twice() -> Stepper:
+    trainer = make_trainer(Twice)
+    train, valid = iris_split()
+    return trainer.stepper(train, epochs=2, valid_data=valid, batch_size=32, callbacks=[EmitTwice()])
+
+
+def test_until_a_predicate_matching_everything_is_step():
+    expected = _stream(_twice)
+    for until in (lambda s: s.until(lambda event: True), lambda s: s.until(when=lambda ctx: True)):
+        s = _twice()
+        got = []
+        while (event := until(s)) is not None:
+            got.append(_key(event))
+        assert got == expected
+
+
+@pytest.mark.parametrize(
+    "targets",
+    [
+        # two stages in a row: each target is the very next event's stage
+        [
+            "on_fit_begin",
+            "on_epoch_begin",
+            "on_train_begin",
+            "on_train_batch_begin",
+            "on_train_batch_after_pred",
+        ],
+        # the same target on consecutive events (the custom stage comes twice in a row)
+        ["on_train_batch_end", "on_custom", "on_custom", "on_custom", "on_custom", "on_train_batch_begin"],
+        # a collection whose stages come one after the other
+        [("on_train_batch_end", "on_custom", "on_train_batch_begin")] * 9,
+        # and the same stage again: the next occurrence, never one past it
+        ["on_train_batch_begin"] * 5 + ["on_valid_batch_end"] * 2 + ["on_epoch_end", "on_fit_end"],
+    ],
+)
+def test_until_returns_exactly_the_next_matching_event(targets):
+    stream = _stream(_twice)
+    s = _twice()
+    position = -1
+    for target in targets:
+        names = {target} if isinstance(target, str) else set(target)
+        position = next(i for i in range(position + 1, len(stream)) if stream[i][0] in names)
+        assert _key(s.until(target if isinstance(target, str) else list(target))) == stream[position]
+    s.close()
+
+
+class Fails(corolux.Callback):
+    """Raises at epoch 1, batch 2: in a callback (after_loss) or in the step (the forward)."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.exceptions: list[BaseException] = []
+
+    def on_train_batch_after_pred(self, ctx):
+        if self.where == "step" and ctx.iter == 1:
+            ctx.model.weight.data = ctx.model.weight.data[:, :2]  # the next forward fails in the step
+
+    def on_train_batch_after_loss(self, ctx):
+        if self.where == "callback" and ctx.iter == 2:
+            raise ValueError("boom")
+
+    def on_exception(self, ctx):
+        self.exceptions.append(ctx.exception)
+
+
+def _drive(driver: str, fails: Fails, seen: list[str]) -> None:
+    """Run to the error with ``driver``, adding the stages the consumer sees to ``seen``."""
+    trainer = make_trainer()
+    train = iris_split()[0]
+    kwargs = {"epochs": 1, "batch_size": 32, "callbacks": [fails]}
+    if driver == "fit":
+        trainer.fit(train, **kwargs)
+    elif driver == "run":
+        seen.extend(str(event.stage) for event in trainer.run(train, **kwargs))
+    else:
+        s = trainer.stepper(train, rewindable=driver == "rewindable stepper", **kwargs)
+        while (event := s.step()) is not None:
+            seen.append(str(event.stage))
+
+
+@pytest.mark.parametrize("driver", ["fit", "run", "stepper", "rewindable stepper"])
+@pytest.mark.parametrize("where", ["callback", "step"])
+def test_on_exception_fires_once_per_escaping_error(driver, where, capsys):
+    fails, seen = Fails(where), []
+    with pytest.raises((ValueError, RuntimeError)) as info:
+        _drive(driver, fails, seen)
+    assert len(fails.exceptions) == 1 and fails.exceptions[0] is info.value
+    if driver != "fit":  # the consumer saw it once, last
+        assert seen.count("on_exception") == 1 and seen[-1] == "on_exception"
+    where_noted = "in Fails.on_train_batch_after_loss" if where == "callback" else "raised in the train step"
+    assert [note for note in info.value.__notes__ if where_noted in note] == info.value.__notes__[:1]

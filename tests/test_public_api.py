@@ -48,6 +48,7 @@ CALLBACKS = {
     "AutoResume",
     "Breakpoint",
     "CSVLogger",
+    "CaptureAnomaly",
     "EarlyStopping",
     "GradientAccumulation",
     "GradientClip",

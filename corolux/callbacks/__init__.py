@@ -29,6 +29,7 @@ Breakpoint            0                                    drops into pdb at a s
 CSVLogger             50                                   one CSV row per epoch and phase
 TensorBoardLogger     50                                   TensorBoard scalars (and histograms)
 TerminateOnNaN        inf at on_train_batch_after_loss     no step on a non-finite loss; stops
+CaptureAnomaly        inf at the check; -inf at begin      writes the non-finite batch to replay; stops
 EarlyStopping         inf                                  stops when the monitor stops improving
 AutoResume            inf (saves after the stage)          saves the training state; resumes from it
 ====================  ===================================  ================================================
@@ -40,6 +41,7 @@ from types import MappingProxyType
 
 from corolux.callbacks.autoresume import AutoResume as AutoResume
 from corolux.callbacks.breakpoint import Breakpoint as Breakpoint
+from corolux.callbacks.capture_anomaly import CaptureAnomaly as CaptureAnomaly
 from corolux.callbacks.csv_logger import CSVLogger as CSVLogger
 from corolux.callbacks.early_stopping import EarlyStopping as EarlyStopping
 from corolux.callbacks.gradient_accumulation import GradientAccumulation as GradientAccumulation
@@ -67,6 +69,7 @@ __all__ = [
     "AutoResume",
     "Breakpoint",
     "CSVLogger",
+    "CaptureAnomaly",
     "EarlyStopping",
     "GradientAccumulation",
     "GradientClip",

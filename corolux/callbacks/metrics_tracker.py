@@ -42,6 +42,7 @@ class MetricsTracker(Callback):
         self._losses: dict[str, LossTracker] = {"loss": self._loss}
         self._phase_metrics: list[Any] = []
         self._resumed: dict[str, Any] | None = None  # a checkpoint's training accumulators
+        self._training = False  # between on_train_begin and on_train_end (or the run's end)
         self._warned: set[int] = set()  # metrics already warned about (DDP, no reduction hook)
 
     # -- phases -------------------------------------------------------------------------------
@@ -83,8 +84,15 @@ class MetricsTracker(Callback):
         return {"train": {"losses": losses, "metrics": metrics}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Keep a checkpoint's accumulators until the resumed training pass begins."""
-        self._resumed = state["train"]
+        """Keep a checkpoint's accumulators until the resumed training pass begins; during a
+        training pass (a rewind, ``Stepper.rewind()``), put them back at once."""
+        if not self._training:
+            self._resumed = state["train"]
+            return
+        self._loss = LossTracker()
+        self._losses = {"loss": self._loss}
+        if state["train"] is not None:
+            self._load_accumulators(state["train"])
 
     def reshard_state(self, states: list[dict[str, Any]], rank: int, world: int) -> dict[str, Any]:
         """This rank's state from those saved by a DDP run of another size: rank 0 takes
@@ -180,11 +188,16 @@ class MetricsTracker(Callback):
 
     def on_train_begin(self, ctx: Context) -> None:
         self._begin(ctx, self.train_metrics)
+        self._training = True
 
     on_train_batch_end = _batch_end
 
     def on_train_end(self, ctx: Context) -> None:
+        self._training = False
         self._end(ctx, "train")
+
+    def teardown(self, ctx: Context) -> None:
+        self._training = False  # a run that ended inside its training pass
 
     def on_valid_begin(self, ctx: Context) -> None:
         self._begin(ctx, self.valid_metrics)

@@ -42,21 +42,22 @@ class TerminateOnNaN(Callback):
 
     def on_train_batch_after_loss(self, ctx: Context) -> None:
         loss = ctx.loss
-        if _finite(loss):  # sync: one host read of the loss per check (opt-in, see the docstring)
+        if is_finite(loss):  # sync: one host read of the loss per check (opt-in, see the docstring)
             return
         ctx.skip_batch()
         ctx.stop_training("nan")
         batches = "" if ctx.num_batches is None else f"/{ctx.num_batches}"
         which = f" (optimizer {ctx.opt_name!r})" if len(ctx.optimizers) > 1 else ""
         warnings.warn(
-            f"TerminateOnNaN: the training loss is {_shown(loss)} at epoch {ctx.epoch}, batch "
+            f"TerminateOnNaN: the training loss is {shown(loss)} at epoch {ctx.epoch}, batch "
             f"{ctx.iter}{batches}{which}; training stops (reason 'nan') without stepping on it",
             RuntimeWarning,
             stacklevel=2,
         )
 
 
-def _finite(loss: Any) -> bool:
+def is_finite(loss: Any) -> bool:
+    """Whether ``loss`` is finite (a tensor: every element); one host read of a tensor."""
     if isinstance(loss, torch.Tensor):
         return bool(torch.isfinite(loss.detach()).all())
     try:
@@ -65,7 +66,8 @@ def _finite(loss: Any) -> bool:
         return True  # not a number: the backward reports it
 
 
-def _shown(loss: Any) -> str:
+def shown(loss: Any) -> str:
+    """``loss`` as a message shows it (a one-element tensor as its float)."""
     if isinstance(loss, torch.Tensor) and loss.numel() == 1:
         return repr(float(loss.detach()))
     return repr(loss)
