@@ -10,8 +10,10 @@ driver take it); :meth:`Stepper.from_capture` replays what ``CaptureAnomaly`` wr
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import weakref
 from collections import deque
 from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -40,6 +42,18 @@ _PHASE_BEGINS = frozenset(SCOPE_STAGES[phase][0] for phase in PHASES)
 _PHASE_ENDS = frozenset(SCOPE_STAGES[phase][3] for phase in PHASES)
 # step() and until() hand back control at these even when they are not the target.
 _PAUSE_ALWAYS = frozenset({Stage.on_exception, Stage.on_interrupt})
+
+
+#: The steppers not yet garbage-collected: at interpreter exit, those still paused are closed
+#: (teardown, files, bars), before Python's shutdown would finalize their runs half torn down.
+_OPEN: weakref.WeakSet[Stepper] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_paused() -> None:
+    for stepper in list(_OPEN):
+        with contextlib.suppress(Exception):
+            stepper.close()
 
 
 class Stepper:
@@ -97,6 +111,7 @@ class Stepper:
         self._guarded = False
         self._in_phase = False  # between an on_<phase>_begin and its end, as seen here
         self._grad_mode = torch.is_grad_enabled()  # the run's, kept while paused at the prompt
+        _OPEN.add(self)  # closed at exit if still paused (its cleanup runs while Python is whole)
 
     # -- looking -------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ import functools
 import os
 import pathlib
 import signal
+import subprocess
 import sys
 
 import pytest
@@ -665,3 +666,26 @@ def test_on_exception_fires_once_per_escaping_error(driver, where, capsys):
         assert seen.count("on_exception") == 1 and seen[-1] == "on_exception"
     where_noted = "in Fails.on_train_batch_after_loss" if where == "callback" else "raised in the train step"
     assert [note for note in info.value.__notes__ if where_noted in note] == info.value.__notes__[:1]
+
+
+def test_a_stepper_left_paused_at_exit_is_closed_cleanly(tmp_path):
+    """A script (or a REPL) that ends with a stepper paused mid-batch: the run is closed at
+    exit, its callbacks' teardown runs, and Python's shutdown prints no ignored exception."""
+    marker = tmp_path / "torn_down"
+    script = f"""
+import torch, corolux
+
+class Marker(corolux.Callback):
+    def teardown(self, ctx):
+        open({str(marker)!r}, "w").close()
+
+trainer = corolux.Trainer(torch.nn.Linear(4, 2), loss_fn=torch.nn.functional.cross_entropy,
+                          optimizer=lambda p: torch.optim.SGD(p, lr=0.1), progress=False)
+s = trainer.stepper((torch.randn(64, 4), torch.randint(0, 2, (64,))), epochs=2, batch_size=8,
+                    callbacks=[Marker()])
+s.until("on_train_batch_after_loss")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Exception ignored" not in proc.stderr, proc.stderr[-3000:]
+    assert marker.exists()
