@@ -236,12 +236,13 @@ class Driver:
         make_loop: MakeLoop,
         *,
         consumer: bool = True,
-        finished: Callable[[Context], None] | None = None,
+        finished: Callable[[Context, bool], None] | None = None,
         scope: AbstractContextManager[Any] | None = None,
     ) -> Generator[Event, None, None]:
         """Return the run's event generator (what ``Trainer.run()`` returns); nothing runs
         until its first ``next()``. ``context_of(gen)`` finds this run's ``ctx``;
-        ``finished(ctx)`` is called once the run has ended, after every teardown. ``scope``
+        ``finished(ctx, in_batch)`` is called once the run has ended, after every teardown
+        (``in_batch``: it ended inside a batch, by an error or a ``close()`` there). ``scope``
         is entered before the callbacks' ``setup`` and exited after ``finished``, in every
         outcome (the compiled forward of ``Trainer(compile=...)``)."""
         gen = self.events(make_loop, consumer=consumer, finished=finished, scope=scope)
@@ -253,7 +254,7 @@ class Driver:
         make_loop: MakeLoop,
         *,
         consumer: bool = True,
-        finished: Callable[[Context], None] | None = None,
+        finished: Callable[[Context, bool], None] | None = None,
         scope: AbstractContextManager[Any] | None = None,
     ) -> Generator[Event, None, None]:
         """Set up, drive the loop and its callbacks, tear down; yield each Event.
@@ -337,6 +338,7 @@ class Driver:
             raise
         finally:
             try:
+                in_batch = ctx.in_batch  # (closing the loop ends an open batch)
                 if loop is not None:
                     loop.close()
                 for module, training in modes:
@@ -344,7 +346,7 @@ class Driver:
                 self._close_coroutines()
                 self._call_each("teardown", escaping)
                 if finished is not None and loop is not None:
-                    finished(ctx)
+                    finished(ctx, in_batch)
             finally:
                 if entered is not None:
                     entered.__exit__(None, None, None)

@@ -461,9 +461,10 @@ class Trainer:
             )
         return state
 
-    def _finished_fit(self, ctx: Context) -> None:
-        """At the end of a fit run: keep its training state for ``resume_from="last"``."""
-        if ctx.in_batch:
+    def _finished_fit(self, ctx: Context, in_batch: bool) -> None:
+        """At the end of a fit run: keep its training state for ``resume_from="last"``
+        (none when it ended inside a batch)."""
+        if in_batch:
             self._last_state = None
             self._last_problem = (
                 f"the last fit ended inside a batch (at {str(ctx.stage)!r}, epoch {ctx.epoch}, batch "
@@ -646,7 +647,7 @@ class Trainer:
         make_loop: MakeLoop,
         *,
         consumer: bool = True,
-        finished: Callable[[Context], None] | None = None,
+        finished: Callable[[Context, bool], None] | None = None,
     ) -> Generator[Event, None, None]:
         scope = compiling.run_scope(self._compiled, self.model, driver.ctx.kind)
         gen = driver.start(make_loop, consumer=consumer, finished=finished, scope=scope)
@@ -655,7 +656,7 @@ class Trainer:
         return gen
 
     def _drive(
-        self, driver: Driver, make_loop: MakeLoop, finished: Callable[[Context], None] | None = None
+        self, driver: Driver, make_loop: MakeLoop, finished: Callable[[Context, bool], None] | None = None
     ) -> None:
         gen = self._start(driver, make_loop, consumer=False, finished=finished)  # no per-event suspension
         with graceful_sigint(driver.ctx.signals):

@@ -768,3 +768,29 @@ def test_torchmetrics_accumulators_resume_inside_an_epoch(data, tmp_path):
     )
     assert "train_multiclass_f1_score" in history
     assert same_state(ref, resumed) and history.to_dict() == ref_history.to_dict()
+
+
+@pytest.mark.parametrize("how", ["a callback's error", "the loop's error", "close()"])
+def test_a_fit_that_ended_inside_a_batch_leaves_nothing_to_continue_from(how):
+    """resume_from='last' continues only from a point between batches: a fit that a callback's
+    error, a step's error or a close() ended inside a batch is refused, with the reason."""
+    x, y = torch.randn(64, 64), torch.randint(0, 10, (64,))
+    trainer = make_trainer()
+
+    class FailAtBatch3(corolux.Callback):
+        def on_train_batch_after_loss(self, ctx):
+            if ctx.iter == 3:
+                raise RuntimeError("failed on purpose")
+
+    if how == "close()":
+        s = trainer.stepper((x, y), epochs=2, batch_size=8)
+        s.until("on_train_batch_after_loss")
+        s.close()
+    else:
+        if how == "the loop's error":
+            trainer.loss_fn = lambda pred, target: (_ for _ in ()).throw(RuntimeError("failed on purpose"))
+        callbacks = [FailAtBatch3()] if how == "a callback's error" else []
+        with pytest.raises(RuntimeError, match="failed on purpose"):
+            trainer.fit((x, y), epochs=2, batch_size=8, callbacks=callbacks)
+    with pytest.raises(ValueError, match=r"resume_from='last': the last fit ended inside a batch"):
+        trainer.fit((x, y), epochs=2, batch_size=8, resume_from="last")
