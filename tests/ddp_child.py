@@ -6,6 +6,7 @@ single-process reference). Writes the final weights and history to <out>-<rank>.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
 import time
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 import corolux
 
 torch.set_num_threads(1)
+faulthandler.enable(all_threads=True)  # a crash shows every thread's Python stack
 out, mode = sys.argv[1], sys.argv[2]
 rank = int(os.environ.get("RANK", "0"))
 
