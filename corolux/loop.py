@@ -325,7 +325,7 @@ def _phase(
     # DDP: the gradients of a batch that only accumulates are not all-reduced (no_sync's flag;
     # the model reads it in its forward); the batch that steps reduces the window's sum.
     ddp = ctx.model if training and isinstance(ctx.model, DistributedDataParallel) else None
-    flat = _flat(ctx, step, pass_over)
+    flat = _flat(ctx, step, phase, pass_over)
     after_pred, after_loss = _PRED_LOSS[phase]
     flat_name, flat_opt = next(iter(ctx.optimizers.items()), (None, None))
     yield_begin = batch_begin not in pass_over
@@ -503,12 +503,12 @@ _PRED_LOSS = {
 }
 
 
-def _flat(ctx: Context, step: Step, pass_over: Container[str]) -> Step | None:
+def _flat(ctx: Context, step: Step, phase: str, pass_over: Container[str]) -> Step | None:
     """``step`` when it is a default step that the loop may run without its generator (with
     one optimizer for training) because none of its stages is listened to, else None."""
     if step is train_step and len(ctx.optimizers) != 1 or step not in (train_step, valid_step, predict_step):
         return None
-    return step if all(stage in pass_over for stage in STEP_STAGES[ctx.phase]) else None
+    return step if all(stage in pass_over for stage in STEP_STAGES[phase]) else None
 
 
 def _timed(batches: Iterator[Any], timing: dict[str, float], key: str) -> Iterator[Any]:

@@ -19,7 +19,7 @@ import functools
 import math
 import operator
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -474,7 +474,7 @@ def load_metric_state(metric: Any, state: dict[str, Any]) -> None:
         metric.load_state_dict(state["state_dict"])
 
 
-def merge_metric_states(metric: Any, states: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+def merge_metric_states(metric: Any, states: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
     """One state for ``metric`` holding what all of ``states`` accumulated (each what
     :func:`metric_state` gave for a copy of it, e.g. one per DDP rank): the sums of what its
     ``reduce_states`` hook hands over, or torchmetrics' ``merge_state``. ``states[0]`` when

@@ -100,13 +100,12 @@ def test_fit_evaluate_predict_are_the_same_on_both_paths(settings):
 def test_the_flat_path_is_taken_only_without_listeners_and_with_one_optimizer():
     trainer = make_trainer()
     ctx = trainer._bare_context()
-    ctx.phase = "train"
     passed_all = frozenset(STEP_STAGES["train"])
-    assert loop._flat(ctx, loop.train_step, passed_all) is loop.train_step
-    assert loop._flat(ctx, loop.train_step, passed_all - {"on_train_batch_after_loss"}) is None
-    assert loop._flat(ctx, lambda c: loop.train_step(c), passed_all) is None  # a custom step
+    assert loop._flat(ctx, loop.train_step, "train", passed_all) is loop.train_step
+    assert loop._flat(ctx, loop.train_step, "train", passed_all - {"on_train_batch_after_loss"}) is None
+    assert loop._flat(ctx, lambda c: loop.train_step(c), "train", passed_all) is None  # a custom step
     ctx.optimizers = {"a": trainer.optimizers["opt"], "b": trainer.optimizers["opt"]}
-    assert loop._flat(ctx, loop.train_step, passed_all) is None
+    assert loop._flat(ctx, loop.train_step, "train", passed_all) is None
 
 
 def test_a_ctrl_c_inside_the_step_is_taken_at_the_same_stage_on_both_paths():
