@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 
 import torch
+from realdata import adam_trainer, dropout_mlp
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -23,18 +24,7 @@ F = torch.nn.functional
 
 
 def make_trainer() -> corolux.Trainer:
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(32, 10)
-    )
-    return corolux.Trainer(
-        model,
-        loss_fn=F.cross_entropy,
-        optimizer=lambda p: torch.optim.Adam(p, lr=1e-2),
-        metrics=[corolux.metrics.Accuracy()],
-        device="cpu",
-        progress=False,
-    )
+    return adam_trainer(dropout_mlp())
 
 
 def loader() -> DataLoader:

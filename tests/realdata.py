@@ -40,13 +40,19 @@ def overfitting_split() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.
     return (x[:200].clone(), y[:200].clone()), (x[1000:1300].clone(), y[1000:1300].clone())
 
 
-def digits_mlp_trainer(seed: int = 0, lr: float = 3e-2, **kwargs):  # -> corolux.Trainer
-    """A 64-64-10 MLP on the CPU with Adam(lr) and accuracy, initialised from ``seed``;
+def dropout_mlp(seed: int = 0) -> torch.nn.Module:
+    """A 64-32-10 MLP with dropout for the digits, initialised from ``seed``."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(32, 10)
+    )
+
+
+def adam_trainer(model: torch.nn.Module, lr: float = 1e-2, **kwargs):  # -> corolux.Trainer
+    """``model`` on the CPU with cross-entropy, Adam(lr) and accuracy, no progress bar;
     ``kwargs`` go to the Trainer (e.g. ``compile=True``)."""
     import corolux
 
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
     return corolux.Trainer(
         model,
         loss_fn=torch.nn.functional.cross_entropy,
@@ -56,3 +62,11 @@ def digits_mlp_trainer(seed: int = 0, lr: float = 3e-2, **kwargs):  # -> corolux
         progress=False,
         **kwargs,
     )
+
+
+def digits_mlp_trainer(seed: int = 0, lr: float = 3e-2, **kwargs):  # -> corolux.Trainer
+    """A 64-64-10 MLP on the CPU with Adam(lr) and accuracy, initialised from ``seed``;
+    ``kwargs`` go to the Trainer (e.g. ``compile=True``)."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    return adam_trainer(model, lr=lr, **kwargs)

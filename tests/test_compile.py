@@ -18,7 +18,7 @@ import pickle
 import pytest
 import torch
 import torch._dynamo
-from realdata import digits, digits_mlp_trainer
+from realdata import adam_trainer, digits, digits_mlp_trainer
 
 import corolux
 from corolux.callbacks import AutoResume, KeepBestModel, ModelCheckpoint, Profile
@@ -56,16 +56,7 @@ def splits():
     return (x[:1000], y[:1000]), (x[1000:1300], y[1000:1300])
 
 
-def trainer(model: torch.nn.Module, **kwargs) -> corolux.Trainer:
-    return corolux.Trainer(
-        model,
-        loss_fn=F.cross_entropy,
-        optimizer=lambda p: torch.optim.Adam(p, lr=1e-2),
-        metrics=[corolux.metrics.Accuracy()],
-        device="cpu",
-        progress=False,
-        **kwargs,
-    )
+trainer = adam_trainer
 
 
 def net(seed: int = 0, cls: type[Net] = Net, hidden: int = 32) -> Net:

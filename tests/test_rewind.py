@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from realdata import digits
+from realdata import adam_trainer, digits, dropout_mlp
 from torch.utils.data import DataLoader, TensorDataset
 
 import corolux
@@ -27,21 +27,9 @@ F = torch.nn.functional
 
 def make_trainer(precision: str = "32") -> corolux.Trainer:
     """A 64-32-10 MLP with dropout on the digits, Adam, accuracy: the same weights every call."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(32, 10)
-    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # 16-mixed on the CPU warns that it is slow
-        return corolux.Trainer(
-            model,
-            loss_fn=F.cross_entropy,
-            optimizer=lambda p: torch.optim.Adam(p, lr=1e-2),
-            metrics=[corolux.metrics.Accuracy()],
-            device="cpu",
-            progress=False,
-            precision=precision,
-        )
+        return adam_trainer(dropout_mlp(), precision=precision)
 
 
 def loader() -> DataLoader:
