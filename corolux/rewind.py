@@ -297,6 +297,11 @@ def attach(events: Iterator[Any], ctx: Context | None) -> Rewinder:
     return ctx.rewinder
 
 
+# The items of a kept list whose earlier copy is reused while they stay the same objects:
+# tensors (a change in place bumps their version) and immutable values.
+_UNCHANGING = frozenset({_Tensor, int, float, bool, complex, str, bytes, type(None)})
+
+
 class _StateCopies:
     """Copies of callbacks' ``state_dict()`` values: containers copied, tensors cloned, except
     a tensor that is the very object seen at the last batch and unchanged since (its version
@@ -338,7 +343,11 @@ class _StateCopies:
         if last is not None:
             sources, seen, kept = last
             n = min(len(sources), len(items))
-            if versions[:n] == seen[:n] and all(map(operator.is_, items[:n], sources[:n])):
+            if (
+                versions[:n] == seen[:n]
+                and all(map(operator.is_, items[:n], sources[:n]))
+                and _UNCHANGING.issuperset(map(type, items[:n]))  # a list or dict changes in place
+            ):
                 copies = kept[:n]
         copies.extend(
             self._copy(v, old, lists, (*path, i)) for i, v in enumerate(items[len(copies) :], len(copies))

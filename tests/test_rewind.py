@@ -320,6 +320,36 @@ def test_what_class_and_coroutine_callbacks_see():
     s.close()
 
 
+def test_a_callbacks_nested_state_changed_in_place_is_restored_as_at_the_batchs_start():
+    """A state_dict() holding lists changed in place (a per-epoch log): the rewind gives back
+    the lists as they were when the batch began, not as an earlier batch left them."""
+
+    class PerEpochLog(corolux.Callback):
+        def __init__(self):
+            self.log = []
+
+        def on_train_begin(self, ctx):
+            self.log.append([])
+
+        def on_train_batch_end(self, ctx):
+            self.log[-1].append(ctx.iter)
+
+        def state_dict(self):
+            return {"log": self.log}
+
+        def load_state_dict(self, state):
+            self.log = [list(batches) for batches in state["log"]]
+
+    log = PerEpochLog()
+    trainer, s = rewindable(epochs=2, extra=[log])
+    s.until("on_train_batch_after_loss", when=lambda ctx: (ctx.epoch, ctx.iter) == (2, 3))
+    assert log.log == [[1, 2, 3, 4, 5, 6, 7], [1, 2]]
+    s.rewind()
+    assert log.log == [[1, 2, 3, 4, 5, 6, 7], [1, 2]]
+    s.finish()
+    assert log.log == [[1, 2, 3, 4, 5, 6, 7]] * 2
+
+
 def test_the_epochs_metrics_count_the_replayed_batch_once():
     ref = reference(epochs=1)
     trainer, s = rewindable(epochs=1)
