@@ -325,9 +325,7 @@ def _phase(
     # DDP: the gradients of a batch that only accumulates are not all-reduced (no_sync's flag;
     # the model reads it in its forward); the batch that steps reduces the window's sum.
     ddp = ctx.model if training and isinstance(ctx.model, DistributedDataParallel) else None
-    flat = _flat(ctx, step, phase, pass_over)
     after_pred, after_loss = _PRED_LOSS[phase]
-    flat_name, flat_opt = next(iter(ctx.optimizers.items()), (None, None))
     yield_begin = batch_begin not in pass_over
     yield_end = batch_end not in pass_over
     exhausted = between = False
@@ -337,6 +335,10 @@ def _phase(
         try:
             yield from _at(ctx, begin)
             max_steps = ctx.max_steps  # as set by on_<phase>_begin at the latest
+            # The optimizers as on_<phase>_begin left them (a handler may replace them there).
+            optimizers = ctx.optimizers
+            flat = _flat(ctx, step, phase, pass_over)
+            flat_name, flat_opt = next(iter(optimizers.items()), (None, None))
             # A hand-written loop's order of work: the next batch is requested only after this
             # one's *_batch_end handlers ran (data may depend on the model, and a dataset's RNG
             # draws interleave with the step's as in `for x, y in loader:`); after a stop, none is.
@@ -386,7 +388,9 @@ def _phase(
                     # predict() without such callbacks): their bodies without their generators,
                     # the same calls in the same order, ctx.stage and Ctrl-C as at their stages.
                     # (Only a Ctrl-C can be pending inside: no handler ran to queue anything.)
-                    elif flat is not None:
+                    elif flat is not None and (ctx.optimizers is optimizers or not training):
+                        # (ctx.optimizers replaced inside the phase: the step's generator, which
+                        # reads them per batch, runs from then on)
                         if training:
                             ctx.opt_name, ctx.opt = flat_name, flat_opt
                         ctx.pred = forward(ctx)

@@ -169,3 +169,27 @@ def test_an_error_in_the_loss_names_the_same_stage_on_both_paths(phase):
     flat, gen, _ = both(run)
     assert flat == gen
     assert f"after 'on_{phase}_batch_after_pred'" in flat[0]
+
+
+@pytest.mark.parametrize("at", ["on_train_begin", "on_train_batch_begin"])
+def test_optimizers_replaced_by_a_callback_are_used_on_both_paths(at):
+    x, y = digits()
+    x, y = x[:320], y[:320]
+
+    class Replace(corolux.Callback):
+        def __init__(self):
+            setattr(self, at, self.replace)
+
+        def replace(self, ctx):
+            if ctx.epoch == 2 and ctx.iter in (0, 3):  # at the phase's begin, or before batch 3
+                ctx.optimizers = {"slow": torch.optim.SGD(ctx.model.parameters(), lr=1e-3)}
+
+    def run(callbacks):
+        trainer = make_trainer()
+        history = trainer.fit((x, y), epochs=3, batch_size=32, callbacks=[Replace(), *callbacks])
+        return trainer, history
+
+    (flat, h1), (gen, h2), _ = both(run)
+    for (name, a), b in zip(flat.model.state_dict().items(), gen.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert h1.to_dict() == h2.to_dict()
