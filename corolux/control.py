@@ -90,7 +90,17 @@ class Signals:
     stop is requested and not yet taken. Only the methods below change these fields.
     """
 
-    __slots__ = ("pending", "emitted", "after", "defer", "_requested", "_deferred", "_stopping", "sigints")
+    __slots__ = (
+        "pending",
+        "emitted",
+        "after",
+        "defer",
+        "_requested",
+        "_deferred",
+        "_released",
+        "_stopping",
+        "sigints",
+    )
 
     def __init__(self) -> None:
         #: Something waits for the loop (read after every stage, so a plain attribute).
@@ -104,6 +114,7 @@ class Signals:
         self.defer = False
         self._requested = False
         self._deferred = False
+        self._released = False  # the ranks agreed on the stop (release())
         self._stopping = False
         #: SIGINTs received while :func:`graceful_sigint` was installed.
         self.sigints = 0
@@ -178,7 +189,7 @@ class Signals:
         rank (deferred or idle -> requested); a no-op once the stop has begun."""
         self._deferred = False
         if not self._stopping:
-            self._requested = True
+            self._released = self._requested = True
             self.pending = True
 
     def take_interrupt(self) -> bool:
@@ -214,8 +225,11 @@ class Signals:
 
     def begin_stop(self, exc: KeyboardInterrupt) -> None:
         """For the loop, which caught ``exc``: begin the graceful stop (requested or idle ->
-        stopping), or re-raise ``exc`` when this Ctrl-C aborts."""
-        if self.aborting:
+        stopping), or re-raise ``exc`` when this Ctrl-C aborts. Under :attr:`defer` only a
+        released stop is graceful: a ``KeyboardInterrupt`` that reached the loop otherwise
+        (``run()`` without ``fit()``'s handler) would stop this rank alone, mid-batch, and
+        the others would wait for it; it aborts instead, and they fail within the timeout."""
+        if self.aborting or (self.defer and not self._released):
             raise exc
         self._stopping = True
         self._requested = False

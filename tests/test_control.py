@@ -1024,3 +1024,24 @@ def test_skip_batch_at_a_stage_emitted_after_the_batch_end_is_refused() -> None:
     x = torch.randn(6, 3)
     predictions = make_trainer().predict([(x[:3],), (x[3:],)], callbacks=[emit, late])
     assert predictions.shape == (6, 1) and len(refused) == 1 and "no batch to skip" in refused[0]
+
+
+def test_under_ddp_a_ctrl_c_waits_for_the_ranks_and_only_an_agreed_one_stops_gracefully():
+    """Signals.defer (set by AgreeOnStop under DDP): a request waits (deferred) until
+    release(); a KeyboardInterrupt that reaches the loop without it aborts (re-raised)."""
+    from corolux.control import Signals
+
+    signals = Signals()
+    signals.defer = True
+    signals.request()
+    assert signals.deferred and not signals.pending and not signals.take_interrupt()
+    with pytest.raises(KeyboardInterrupt):
+        signals.keyboard_interrupt()  # a second Ctrl-C while the first waits: abort
+    raw = KeyboardInterrupt()
+    with pytest.raises(KeyboardInterrupt) as info:
+        signals.begin_stop(raw)  # not agreed: this rank must not stop alone
+    assert info.value is raw and not signals.stopping
+    signals.release()
+    assert not signals.deferred and signals.pending and signals.take_interrupt()
+    signals.begin_stop(KeyboardInterrupt())  # agreed: the graceful stop begins
+    assert signals.stopping
