@@ -39,14 +39,16 @@ class CaptureAnomaly(Callback):
     the same non-finite value. ``trainer.load_checkpoint(path)`` loads its weights alone.
 
     .. warning::
-       Each check reads one value on the host: one device sync per training batch (per
-       optimizer, with several). That is why it is opt-in, not a default callback. Besides
-       the check, each batch costs one RNG snapshot at ``on_train_batch_begin`` (no sync).
+       Each check reads one value on the host: one device sync per training batch. That is
+       why it is opt-in, not a default callback. Besides the check, each batch costs one RNG
+       snapshot at ``on_train_batch_begin`` (no sync).
 
-    What the capture does not hold: the gradients a gradient-accumulation window gathered
-    before the batch (a ``"grads"`` replay then differs), and the buffers as they were before
-    the batch's forward (BatchNorm's running statistics are saved as that forward left them;
-    in training mode the forward does not read them).
+    One optimizer only (with several, the earlier ones have stepped when a later one's check
+    fails: refused at the start). What the capture does not hold: the gradients a
+    gradient-accumulation window gathered before the batch (a ``"grads"`` replay then
+    differs), and the buffers as they were before the batch's forward (BatchNorm's running
+    statistics are saved as that forward left them; in training mode the forward does not
+    read them).
 
     Args:
         path: the file to write (its folder must exist); written once, at the first anomaly.
@@ -96,6 +98,14 @@ class CaptureAnomaly(Callback):
                 "CaptureAnomaly(check='grads') under precision='16-mixed': the GradScaler skips the "
                 "steps whose gradients are not finite and lowers its scale, as routine; use "
                 "check='loss', or read ctx.step_skipped at on_train_batch_after_step"
+            )
+        if len(ctx.optimizers) > 1:
+            raise ValueError(
+                f"CaptureAnomaly: this trainer has {len(ctx.optimizers)} optimizers "
+                f"({', '.join(ctx.optimizers)}); the step runs them in turn, so when a later one's "
+                "loss or gradients fail the earlier ones have stepped, and the batch's starting "
+                "weights, which the capture must hold, are gone. It supports one optimizer; with "
+                "several, use TerminateOnNaN, or a rewindable Stepper (s.rewind() at on_exception)"
             )
         self._start = None
 

@@ -175,3 +175,13 @@ def test_arguments_are_checked(tmp_path):
         )
     with pytest.raises(ValueError, match=r"check='grads'\) under precision='16-mixed'.*use check='loss'"):
         mixed.fit(loader(), epochs=1, callbacks=[CaptureAnomaly(tmp_path / "a.pt", check="grads")])
+    linear = torch.nn.Linear(64, 10)
+    two = corolux.Trainer(
+        linear,
+        loss_fn=F.cross_entropy,
+        optimizer={"w": torch.optim.SGD([linear.weight], lr=0.1), "b": torch.optim.SGD([linear.bias])},
+        device="cpu",
+        progress=False,
+    )
+    with pytest.raises(ValueError, match=r"2 optimizers \(w, b\).*supports one optimizer"):
+        two.fit(loader(), epochs=1, callbacks=[CaptureAnomaly(tmp_path / "a.pt")])
