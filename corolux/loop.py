@@ -161,6 +161,14 @@ def forward_and_loss(
     return forward_and_loss
 
 
+def _pred_changed(stage: Stage) -> RuntimeError:
+    return RuntimeError(
+        f"ctx.pred was replaced at {str(stage)!r}, but Trainer(compile='step') computed the loss "
+        "with the forward, in one compiled call, so the change cannot reach it; change the loss at "
+        f"{str(stage).replace('pred', 'loss')!r} instead, or use compile=True (the forward alone)"
+    )
+
+
 def _fused(ctx: Context, fused: Callable[[Any, Any], tuple[Any, Any]]) -> tuple[Any, Any]:
     autocast = ctx.precision.autocast
     if autocast is None:
@@ -189,8 +197,10 @@ def train_step(
             yield TRAIN_AFTER_PRED
             ctx.loss = compute_loss(ctx)
         else:
-            ctx.pred, ctx.loss = _fused(ctx, fused)
+            ctx.pred, ctx.loss = pred, _ = _fused(ctx, fused)
             yield TRAIN_AFTER_PRED
+            if ctx.pred is not pred:
+                raise _pred_changed(TRAIN_AFTER_PRED)
         yield TRAIN_AFTER_LOSS
         if several:
             try:
@@ -215,8 +225,10 @@ def valid_step(
         yield VALID_AFTER_PRED
         ctx.loss = compute_loss(ctx)
     else:
-        ctx.pred, ctx.loss = _fused(ctx, fused)
+        ctx.pred, ctx.loss = pred, _ = _fused(ctx, fused)
         yield VALID_AFTER_PRED
+        if ctx.pred is not pred:
+            raise _pred_changed(VALID_AFTER_PRED)
     yield VALID_AFTER_LOSS
 
 

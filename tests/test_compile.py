@@ -437,3 +437,27 @@ def test_compile_step_refuses_what_listens_between_forward_and_loss_and_custom_s
         trainer(Net(), compile="step", train_step=train_step)
     with pytest.raises(TypeError, match="'step' must be True or False"):
         trainer(Net(), compile={"step": "yes"})
+
+
+def test_compile_step_refuses_a_pred_changed_where_no_listener_was_seen_at_the_start():
+    """A coroutine that begins waiting at after_pred later in the run, or a run() consumer,
+    is not among the handlers checked at the start: the step itself refuses the change."""
+    train, _ = splits()
+
+    @corolux.coroutine
+    def later():
+        yield "on_train_begin"
+        event = yield "on_train_batch_after_pred"
+        event.ctx.pred = event.ctx.pred * 0
+
+    fused = trainer(Net(), compile={"step": True, "backend": "eager"})
+    with pytest.raises(RuntimeError, match=r"replaced at 'on_train_batch_after_pred'.*compile=True"):
+        fused.fit(train, callbacks=[later()])
+    events = fused.run(train, epochs=1)
+    for event in events:
+        if event.stage == "on_train_batch_after_pred":
+            event.ctx.pred = event.ctx.pred + 1
+            break
+    with pytest.raises(RuntimeError, match="ctx.pred was replaced"):
+        for _ in events:  # (on_exception comes first, then the error)
+            pass
