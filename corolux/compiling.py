@@ -158,11 +158,12 @@ class CompiledForward:
     """A function under ``torch.compile`` (the model's forward a run installs, or the fused
     forward and loss of ``compile="step"``); nothing is compiled until its first call."""
 
-    __slots__ = ("function", "options")
+    __slots__ = ("function", "options", "what")
 
-    def __init__(self, function: Callable[..., Any], options: CompileOptions) -> None:
+    def __init__(self, function: Callable[..., Any], options: CompileOptions, what: str) -> None:
         self.function = function
         self.options = options
+        self.what = what  # for messages: "model's forward", or the step's "forward and loss"
 
     def failure_note(self) -> str:
         """The note a compiler failure gets: what failed, and the fix."""
@@ -174,8 +175,8 @@ class CompiledForward:
             )
         else:
             need = f"the backend {backend!r} failed (see the error above); "
-        what = "step" if self.options.step else "model's forward"
-        return f"corolux: Trainer(compile={self.options.given!r}) could not compile the {what}: {need}{_FIX}"
+        given = self.options.given
+        return f"corolux: Trainer(compile={given!r}) could not compile the {self.what}: {need}{_FIX}"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         __tracebackhide__ = True
@@ -190,11 +191,12 @@ class CompiledForward:
         return f"CompiledForward(compile={self.options.given!r})"
 
 
-def compile_function(function: Callable[..., Any], options: CompileOptions) -> CompiledForward:
-    """``torch.compile(function, **options.kwargs)``; ``torch.compile``'s own errors (an
-    unknown mode or backend) are raised here, noted with the argument."""
+def compile_function(function: Callable[..., Any], options: CompileOptions, what: str) -> CompiledForward:
+    """``torch.compile(function, **options.kwargs)`` (``what`` it is, for messages);
+    ``torch.compile``'s own errors (an unknown mode or backend) are raised here, noted with
+    the argument."""
     try:
-        return CompiledForward(torch.compile(function, **options.kwargs), options)
+        return CompiledForward(torch.compile(function, **options.kwargs), options, what)
     except Exception as exc:
         exc.add_note(f"in corolux.Trainer(compile={options.given!r})")
         raise
@@ -208,7 +210,7 @@ def compile_forward(module: torch.nn.Module, options: CompileOptions) -> Compile
         forward = forward.previous
     if forward is _MISSING:
         forward = type(module).forward.__get__(module)
-    return compile_function(forward, options)
+    return compile_function(forward, options, "model's forward")
 
 
 _MISSING: Any = object()
@@ -310,7 +312,7 @@ def fused_steps(
             f"compile={options.given!r} is not available under DDP (DDP's own forward would be "
             "traced); pass compile=True: DDP calls the compiled forward of your module"
         )
-    fused = compile_function(forward_and_loss, options)
+    fused = compile_function(forward_and_loss, options, "step's forward and loss")
     return {phase: functools.partial(default, fused=fused) for phase, (_, default) in steps.items()}
 
 

@@ -106,7 +106,12 @@ def test_a_compiler_failure_names_the_backend_and_the_fix_and_leaves_the_model_a
     assert "could not compile the model's forward" in note and "compile=False" in note
     assert "forward" not in model.__dict__
     default = corolux.compiling.options(True, Net())
-    assert "C++ compiler" in corolux.compiling.CompiledForward(print, default).failure_note()  # inductor's
+    assert "C++ compiler" in corolux.compiling.CompiledForward(print, default, "x").failure_note()  # inductor
+    # compile="step": predict() compiles the forward alone, and a failure there says so
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed) as info:
+        trainer(Net(), compile={"step": True, "backend": broken_backend}).predict(x[:64])
+    note = next(n for n in info.value.__notes__ if n.startswith("corolux:"))
+    assert "could not compile the model's forward" in note
 
 
 # -- a compiled run, against the same run eager -----------------------------------------------------
