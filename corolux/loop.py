@@ -468,6 +468,7 @@ def _phase(
                         raise
                     if stages is not None:
                         stages.close()
+                    _settle(ctx)  # on_exception sees what it sees without a rewinder (a rewind restores)
                     try:  # the driver raises it (on_exception) while the batch stays open to a rewind
                         yield Failure(exc)
                     except Rewind:

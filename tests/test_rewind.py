@@ -413,6 +413,32 @@ def test_rewind_at_on_exception_raised_in_the_step(capsys):
     assert len(s.finish()) == 1 and len(count.exceptions) == 1
 
 
+def test_on_exception_sees_the_same_state_with_and_without_a_rewinder():
+    """An error after the backward: without a rewinder the phase settles (the gradients are
+    dropped) before on_exception; a rewindable run shows the same, and a rewind restores."""
+
+    def failing_step(ctx):
+        ctx.pred = ctx.model(ctx.input)
+        yield "on_train_batch_after_pred"
+        ctx.loss = F.cross_entropy(ctx.pred, ctx.target)
+        yield "on_train_batch_after_loss"
+        ctx.backward(ctx.loss)
+        if ctx.iter == 2:
+            raise RuntimeError("after the backward")
+        yield "on_train_batch_before_step"
+        ctx.step_optimizer()
+        yield "on_train_batch_after_step"
+
+    seen = {}
+    for rewindable_run in (False, True):
+        trainer = adam_trainer(dropout_mlp(), train_step=failing_step)
+        s = trainer.stepper(loader(), epochs=1, rewindable=rewindable_run)
+        event = s.until("on_exception")
+        seen[rewindable_run] = [p.grad is None for p in event.ctx.model.parameters()]
+        s.close()
+    assert seen[False] == seen[True] == [True] * 4
+
+
 def test_an_error_not_rewound_escapes_as_without_a_rewinder():
     count = Count()
     _, s = fragile([count])
