@@ -13,8 +13,10 @@ import atexit
 import contextlib
 import dataclasses
 import datetime
+import gc
 import os
 import sys
+import weakref
 from typing import Any
 
 import torch
@@ -118,12 +120,18 @@ def _wants_cuda(device: str | torch.device) -> bool:
 
 def _leave() -> None:
     """At exit: wait for the other ranks, then destroy the group (a rank that tears down its
-    connections while another still uses them makes that one abort)."""
+    connections while another still uses them makes that one abort), and let go of the
+    group in the DDP wrappers made here, so that the group's threads end now, while Python
+    is whole (a thread of it still at work during the interpreter's shutdown aborts it)."""
     if dist.is_initialized():
         if getattr(sys, "last_value", None) is None:  # a clean exit (a failed one would wait in vain)
             with contextlib.suppress(Exception):
                 dist.barrier()
         dist.destroy_process_group()
+    for ddp in list(_WRAPPED):
+        for name in ("reducer", "logger", "process_group"):  # what holds the group in DDP
+            ddp.__dict__.pop(name, None)
+    gc.collect()
 
 
 def device_for(setup: Distributed, device: str | torch.device) -> str | torch.device:
@@ -134,10 +142,16 @@ def device_for(setup: Distributed, device: str | torch.device) -> str | torch.de
     return "cpu" if device == "auto" else device
 
 
+#: The DDP wrappers made by :func:`wrap` (released at exit by ``_leave``).
+_WRAPPED: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+
+
 def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """``model`` in ``DistributedDataParallel`` (on its GPU on CUDA)."""
     ids = [device.index] if device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    _WRAPPED.add(ddp)
+    return ddp
 
 
 def reduce_sum(value: Any) -> Any:
