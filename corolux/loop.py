@@ -161,12 +161,20 @@ def forward_and_loss(
     return forward_and_loss
 
 
-def _pred_changed(stage: Stage) -> RuntimeError:
-    return RuntimeError(
-        f"ctx.pred was replaced at {str(stage)!r}, but Trainer(compile='step') computed the loss "
-        "with the forward, in one compiled call, so the change cannot reach it; change the loss at "
-        f"{str(stage).replace('pred', 'loss')!r} instead, or use compile=True (the forward alone)"
-    )
+def _fused_pred_and_loss(
+    ctx: Context, fused: Callable[[Any, Any], tuple[Any, Any]], after_pred: Stage
+) -> Generator[Stage, None, None]:
+    """``compile="step"``: the prediction and the loss from one compiled call, then
+    ``after_pred``; a ``ctx.pred`` replaced there could not reach the loss, and is refused."""
+    ctx.pred, ctx.loss = pred, _ = _fused(ctx, fused)
+    yield after_pred
+    if ctx.pred is not pred:
+        raise RuntimeError(
+            f"ctx.pred was replaced at {str(after_pred)!r}, but Trainer(compile='step') computed the "
+            "loss with the forward, in one compiled call, so the change cannot reach it; change the "
+            f"loss at {str(after_pred).replace('pred', 'loss')!r} instead, or use compile=True (the "
+            "forward alone)"
+        )
 
 
 def _fused(ctx: Context, fused: Callable[[Any, Any], tuple[Any, Any]]) -> tuple[Any, Any]:
@@ -197,10 +205,7 @@ def train_step(
             yield TRAIN_AFTER_PRED
             ctx.loss = compute_loss(ctx)
         else:
-            ctx.pred, ctx.loss = pred, _ = _fused(ctx, fused)
-            yield TRAIN_AFTER_PRED
-            if ctx.pred is not pred:
-                raise _pred_changed(TRAIN_AFTER_PRED)
+            yield from _fused_pred_and_loss(ctx, fused, TRAIN_AFTER_PRED)
         yield TRAIN_AFTER_LOSS
         if several:
             try:
@@ -225,10 +230,7 @@ def valid_step(
         yield VALID_AFTER_PRED
         ctx.loss = compute_loss(ctx)
     else:
-        ctx.pred, ctx.loss = pred, _ = _fused(ctx, fused)
-        yield VALID_AFTER_PRED
-        if ctx.pred is not pred:
-            raise _pred_changed(VALID_AFTER_PRED)
+        yield from _fused_pred_and_loss(ctx, fused, VALID_AFTER_PRED)
     yield VALID_AFTER_LOSS
 
 
