@@ -4,7 +4,6 @@ starting state, then stop: ``Stepper.from_capture`` replays it."""
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,7 @@ import torch
 
 from corolux import checkpoint
 from corolux.callback import Callback
-from corolux.callbacks.terminate_on_nan import is_finite, shown
+from corolux.callbacks.terminate_on_nan import is_finite, shown, stop_before_step
 from corolux.capture import anomaly_state
 from corolux.context import Context
 
@@ -147,17 +146,13 @@ class CaptureAnomaly(Callback):
                 "torch.load(weights_only=True) would not read back, so it cannot be captured: "
                 f"{exc}. Give batches of tensors, tuples, lists and dicts"
             ) from None
-        ctx.skip_batch()
-        ctx.stop_training("anomaly")
-        batches = "" if ctx.num_batches is None else f"/{ctx.num_batches}"
-        which = f" (optimizer {ctx.opt_name!r})" if len(ctx.optimizers) > 1 else ""
-        warnings.warn(
-            f"CaptureAnomaly: {what} at epoch {ctx.epoch}, batch {ctx.iter}{batches}{which}; the batch "
-            f"and its starting state are in {str(self.path)!r} (replay it with "
-            f"corolux.Stepper.from_capture(trainer, {str(self.path)!r})); training stops (reason "
-            "'anomaly') without stepping on it",
-            RuntimeWarning,
-            stacklevel=2,
+        where = str(self.path)
+        stop_before_step(
+            ctx,
+            "anomaly",
+            f"CaptureAnomaly: {what}",
+            f"the batch and its starting state are in {where!r} (replay it with "
+            f"corolux.Stepper.from_capture(trainer, {where!r})); ",
         )
 
     def __repr__(self) -> str:

@@ -44,16 +44,22 @@ class TerminateOnNaN(Callback):
         loss = ctx.loss
         if is_finite(loss):  # sync: one host read of the loss per check (opt-in, see the docstring)
             return
-        ctx.skip_batch()
-        ctx.stop_training("nan")
-        batches = "" if ctx.num_batches is None else f"/{ctx.num_batches}"
-        which = f" (optimizer {ctx.opt_name!r})" if len(ctx.optimizers) > 1 else ""
-        warnings.warn(
-            f"TerminateOnNaN: the training loss is {shown(loss)} at epoch {ctx.epoch}, batch "
-            f"{ctx.iter}{batches}{which}; training stops (reason 'nan') without stepping on it",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        stop_before_step(ctx, "nan", f"TerminateOnNaN: the training loss is {shown(loss)}")
+
+
+def stop_before_step(ctx: Context, reason: str, what: str, then: str = "") -> None:
+    """Skip the rest of this training batch (no optimizer step on it) and stop training with
+    ``reason``, warning ``"<what> at epoch E, batch i/n; <then>training stops ..."``."""
+    ctx.skip_batch()
+    ctx.stop_training(reason)
+    batches = "" if ctx.num_batches is None else f"/{ctx.num_batches}"
+    which = f" (optimizer {ctx.opt_name!r})" if len(ctx.optimizers) > 1 else ""
+    warnings.warn(
+        f"{what} at epoch {ctx.epoch}, batch {ctx.iter}{batches}{which}; {then}training stops "
+        f"(reason {reason!r}) without stepping on it",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def is_finite(loss: Any) -> bool:
