@@ -40,6 +40,34 @@ def overfitting_split() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.
     return (x[:200].clone(), y[:200].clone()), (x[1000:1300].clone(), y[1000:1300].clone())
 
 
+def digit_batches(n: int, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``n`` batches of ``size`` digits, in order (a list: the same every epoch)."""
+    x, y = digits()
+    return [(x[i * size : (i + 1) * size], y[i * size : (i + 1) * size]) for i in range(n)]
+
+
+def small_mlp() -> torch.nn.Module:
+    """A 64-32-10 MLP for the digits, initialised from seed 0."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+
+
+def linear_trainer(metrics: bool = True):  # -> corolux.Trainer
+    """A Linear 4->3 from seed 0 with SGD(0.1), cross-entropy and (``metrics``) accuracy: the
+    loggers' tests, which look at what is written, not at what is learnt."""
+    import corolux
+
+    torch.manual_seed(0)
+    return corolux.Trainer(
+        torch.nn.Linear(4, 3),
+        loss_fn=torch.nn.functional.cross_entropy,
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+        metrics=[corolux.metrics.Accuracy()] if metrics else None,
+        device="cpu",
+        progress=False,
+    )
+
+
 def dropout_mlp(seed: int = 0) -> torch.nn.Module:
     """A 64-32-10 MLP with dropout for the digits, initialised from ``seed``."""
     torch.manual_seed(seed)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from kill import KillAt
-from realdata import digits, iris
+from realdata import digits, iris, linear_trainer
 
 import corolux
 from corolux.callbacks import AutoResume
@@ -21,16 +21,7 @@ from corolux.callbacks.csv_logger import CSVLogger
 F = torch.nn.functional
 
 
-def make_trainer() -> corolux.Trainer:
-    torch.manual_seed(0)
-    return corolux.Trainer(
-        torch.nn.Linear(4, 3),
-        loss_fn=F.cross_entropy,
-        optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
-        metrics=[corolux.metrics.Accuracy()],
-        device="cpu",
-        progress=False,
-    )
+make_trainer = linear_trainer
 
 
 def data() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:

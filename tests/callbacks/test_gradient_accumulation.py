@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from realdata import digits
+from realdata import digit_batches, small_mlp
 
 import corolux
 from corolux.callbacks.gradient_accumulation import GradientAccumulation
@@ -20,13 +20,10 @@ nn = torch.nn
 
 
 def batches(n: int, size: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    x, y = digits()
-    return [(x[i * size : (i + 1) * size], y[i * size : (i + 1) * size]) for i in range(n)]
+    return digit_batches(n, size)
 
 
-def mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+mlp = small_mlp
 
 
 def sgd(params: Any) -> torch.optim.Optimizer:

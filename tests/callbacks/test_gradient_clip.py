@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from realdata import digits
+from realdata import digit_batches, small_mlp
 
 import corolux
 from corolux.callbacks.gradient_clip import GradientClip
@@ -21,13 +21,10 @@ nn = torch.nn
 
 
 def batches(n: int = 6, size: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    x, y = digits()
-    return [(x[i * size : (i + 1) * size], y[i * size : (i + 1) * size]) for i in range(n)]
+    return digit_batches(n, size)
 
 
-def mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+mlp = small_mlp
 
 
 def sgd(params: Any) -> torch.optim.Optimizer:

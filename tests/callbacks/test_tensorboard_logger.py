@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from realdata import iris
+from realdata import iris, linear_trainer
 
 import corolux
 from corolux.callbacks import AutoResume
@@ -31,16 +31,7 @@ def accumulator():
     return read
 
 
-def make_trainer() -> corolux.Trainer:
-    torch.manual_seed(0)
-    return corolux.Trainer(
-        torch.nn.Linear(4, 3),
-        loss_fn=F.cross_entropy,
-        optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
-        metrics=[corolux.metrics.Accuracy()],
-        device="cpu",
-        progress=False,
-    )
+make_trainer = linear_trainer
 
 
 def fit(trainer: corolux.Trainer, callbacks: list, epochs: int = 3, **kwargs) -> corolux.History:

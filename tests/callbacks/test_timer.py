@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from realdata import iris
+from realdata import iris, linear_trainer
 
 import corolux
 from corolux.callback import handlers_of
@@ -22,14 +22,7 @@ F = torch.nn.functional
 
 
 def make_trainer() -> corolux.Trainer:
-    torch.manual_seed(0)
-    return corolux.Trainer(
-        torch.nn.Linear(4, 3),
-        loss_fn=F.cross_entropy,
-        optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
-        device="cpu",
-        progress=False,
-    )
+    return linear_trainer(metrics=False)
 
 
 def fit(trainer: corolux.Trainer, callbacks: list, epochs: int | tuple[int, int] = 3, **kwargs):
