@@ -98,9 +98,11 @@ class MetricsTracker(Callback):
         """This rank's state from those saved by a DDP run of another size: rank 0 takes
         the sums over all of them, the other ranks nothing, so the reduced values (or one
         process's) are the saved run's exactly."""
+        if rank != 0:
+            return {"train": None}
         trains = [state["train"] for state in states]
-        if rank != 0 or any(train is None for train in trains):
-            return {"train": None} if rank != 0 else states[0]
+        if any(train is None for train in trains):  # saved outside a training pass: nothing to sum
+            return states[0]
         names = dict.fromkeys(name for train in trains for name in train["losses"])
         empty = LossTracker().state_dict()
         losses = {}
