@@ -126,13 +126,18 @@ def compute_loss(ctx: Context) -> torch.Tensor:
         with autocast():
             return loss_fn(ctx.pred, ctx.target)
     except (TypeError, AttributeError, ValueError, RuntimeError):
-        if ctx.target is None:  # checked here, on the error path: free on the normal one
-            raise ValueError(
-                f"the {ctx.phase} batch has no target for loss_fn: a bare tensor or a 1-tuple batch "
-                "is the input alone (for predict()); give (input, target) batches, or split yours "
-                "with Trainer(unpack=lambda batch: (input, target))"
-            ) from None
+        _check_target(ctx)  # checked here, on the error path: free on the normal one
         raise
+
+
+def _check_target(ctx: Context) -> None:
+    """After ``loss_fn`` failed: a batch without a target gets an error that says so."""
+    if ctx.target is None:
+        raise ValueError(
+            f"the {ctx.phase} batch has no target for loss_fn: a bare tensor or a 1-tuple batch "
+            "is the input alone (for predict()); give (input, target) batches, or split yours "
+            "with Trainer(unpack=lambda batch: (input, target))"
+        ) from None
 
 
 def _carried_loss(pred: Any) -> Any:
@@ -353,6 +358,7 @@ def _phase(
             optimizers = ctx.optimizers
             flat = _flat(ctx, step, phase, pass_over)
             flat_name, flat_opt = next(iter(optimizers.items()), (None, None))
+            plain = ctx.precision.autocast is None  # no autocast around the forward and the loss
             # A hand-written loop's order of work: the next batch is requested only after this
             # one's *_batch_end handlers ran (data may depend on the model, and a dataset's RNG
             # draws interleave with the step's as in `for x, y in loader:`); after a stop, none is.
@@ -407,12 +413,27 @@ def _phase(
                         # reads them per batch, runs from then on)
                         if training:
                             ctx.opt_name, ctx.opt = flat_name, flat_opt
-                        ctx.pred = forward(ctx)
+                        # forward() and compute_loss() written out for a tensor input at full
+                        # precision (the commonest case; each call read the precision, a cold
+                        # object by then: about 1 us a step among a real model's torch ops).
+                        x = ctx.input
+                        if plain and type(x) is _Tensor:
+                            ctx.pred = pred = ctx.model(x)
+                        else:
+                            ctx.pred = pred = forward(ctx)
                         ctx.stage = after_pred
                         if signals.pending:
                             yield from _attend(ctx)
                         if after_loss is not None:
-                            ctx.loss = compute_loss(ctx)
+                            loss_fn = ctx.loss_fn
+                            if plain and loss_fn is not None:
+                                try:
+                                    ctx.loss = loss_fn(pred, ctx.target)
+                                except (TypeError, AttributeError, ValueError, RuntimeError):
+                                    _check_target(ctx)
+                                    raise
+                            else:
+                                ctx.loss = compute_loss(ctx)
                             ctx.stage = after_loss
                             if signals.pending:
                                 yield from _attend(ctx)
