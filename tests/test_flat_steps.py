@@ -66,16 +66,17 @@ def same_state(a: corolux.Trainer, b: corolux.Trainer) -> None:
         {},
         {"callbacks": [corolux.callbacks.GradientAccumulation(3)]},
         {"max_steps": 7},
+        {"trainer": {"precision": "bf16-mixed"}},  # the flat path's autocast branch
     ],
-    ids=["plain", "accumulation", "max_steps"],
+    ids=["plain", "accumulation", "max_steps", "bf16"],
 )
 def test_fit_evaluate_predict_are_the_same_on_both_paths(settings):
     x, y = digits()
     x, y = x[:600], y[:600]
 
     def run(callbacks):
-        trainer = make_trainer()
         extra = dict(settings)
+        trainer = make_trainer(**extra.pop("trainer", {}))
         history = trainer.fit(
             (x, y),
             epochs=2,
@@ -193,3 +194,45 @@ def test_optimizers_replaced_by_a_callback_are_used_on_both_paths(at):
     for (name, a), b in zip(flat.model.state_dict().items(), gen.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert h1.to_dict() == h2.to_dict()
+
+
+class DictModel(torch.nn.Module):
+    """Takes its input as a keyword and returns its loss beside the logits (loss_fn=None)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Linear(64, 10)
+
+    def forward(self, pixels: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.net(pixels)
+        return {"logits": logits, "loss": F.cross_entropy(logits, labels)}
+
+
+def test_inputs_that_are_not_a_tensor_and_a_carried_loss_are_the_same_on_both_paths():
+    x, y = digits()
+    batches = [({"pixels": x[i : i + 32], "labels": y[i : i + 32]}, y[i : i + 32]) for i in range(0, 320, 32)]
+
+    def run(callbacks):
+        torch.manual_seed(0)
+        trainer = corolux.Trainer(
+            DictModel(), loss_fn=None, optimizer=lambda p: torch.optim.Adam(p, lr=1e-3), progress=False
+        )
+        history = trainer.fit(batches, epochs=2, valid_data=batches[:3], callbacks=callbacks)
+        return trainer, history
+
+    (flat, h1), (gen, h2), listener = both(run)
+    assert "on_train_batch_after_loss" in listener.seen
+    same_state(flat, gen)
+    assert h1.to_dict() == h2.to_dict()
+
+
+def test_a_batch_without_a_target_gets_the_same_clear_error_on_both_paths():
+    x, _ = digits()
+
+    def run(callbacks):
+        with pytest.raises(ValueError, match="the train batch has no target for loss_fn") as info:
+            make_trainer().fit(x[:64], epochs=1, batch_size=32, callbacks=callbacks)
+        return str(info.value)
+
+    flat, gen, _ = both(run)
+    assert flat == gen
