@@ -206,11 +206,26 @@ class TensorBatches:
         if then is not None:
             then()
         first = skip * step
+        tensors = self.tensors
         if rows is None:  # unshuffled plain tensors: slices
-            for start in range(first, size, step):
-                yield self._slice(start, start + step)
+            if self.pin:
+                for start in range(first, size, step):
+                    yield self._slice(start, start + step)
+            elif len(tensors) == 2:  # (inputs, targets), the commonest: written out
+                x, y = tensors
+                for start in range(first, size, step):
+                    yield x[start : start + step], y[start : start + step]
+            else:
+                for start in range(first, size, step):
+                    yield tuple([t[start : start + step] for t in tensors])
             return
-        rows = rows.to(self.tensors[0].device)
+        rows = rows.to(tensors[0].device)
+        if not self.pin and len(tensors) == 2:
+            x, y = tensors
+            for start in range(first, size, step):
+                batch_rows = rows[start : start + step]
+                yield x.index_select(0, batch_rows), y.index_select(0, batch_rows)
+            return
         for start in range(first, size, step):
             yield self._gather(rows[start : start + step])
 
@@ -220,8 +235,7 @@ class TensorBatches:
         return share if rows is None else rows[share.to(rows.device)]
 
     def _slice(self, start: int, stop: int) -> tuple[torch.Tensor, ...]:
-        if not self.pin:
-            return tuple(t[start:stop] for t in self.tensors)
+        """Rows ``start:stop`` copied into pinned memory (``pin``)."""
         return tuple(_pinned(t[start:stop].shape, t).copy_(t[start:stop]) for t in self.tensors)
 
     def _gather(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:

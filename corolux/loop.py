@@ -388,7 +388,9 @@ def _phase(
                 if move:
                     batch = to_device(batch, device)
                 if pairs and type(batch) is tuple and len(batch) == 2:
-                    x, y = batch  # the common layout, without a call
+                    x, y = batch  # the common layouts, without a call
+                elif pairs and type(batch) is tuple and len(batch) == 1:
+                    x, y = batch[0], None  # inputs alone (predict(x))
                 else:
                     x, y = unpack(batch)
                 between = False

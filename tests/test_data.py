@@ -639,3 +639,18 @@ def test_in_memory_batches_have_a_dataloaders_length_and_sizes():
         loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True)
         assert len(batches) == len(loader)
         assert [len(b[0]) for b in batches] == [len(b[0]) for b in loader]
+
+
+@pytest.mark.parametrize("count", [1, 2, 3])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_in_memory_batches_equal_a_dataloaders_for_one_two_or_three_tensors(count, shuffle):
+    x, y = iris(70)
+    tensors = (x, y, torch.arange(70.0))[:count]
+    torch.manual_seed(5)
+    ours = [tuple(batch) for batch in TensorBatches(tensors, None, batch_size=16, shuffle=shuffle)]
+    torch.manual_seed(5)
+    theirs = [tuple(batch) for batch in DataLoader(TensorDataset(*tensors), batch_size=16, shuffle=shuffle)]
+    assert len(ours) == len(theirs) == 5
+    for a, b in zip(ours, theirs, strict=True):
+        assert type(a) is tuple and len(a) == count
+        assert all(torch.equal(s, t) for s, t in zip(a, b, strict=True))
