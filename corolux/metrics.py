@@ -366,14 +366,17 @@ class LossTracker:
 
     It keeps the detached losses and folds them into a device-side sum every
     ``fold_every`` batches, or when the batch size changes (bounded memory);
-    ``compute()`` reduces once.
+    ``compute()`` reduces once. ``no_grad=True`` (a phase under ``torch.no_grad()``): a loss
+    without a graph is kept as it is, without a detached copy (one with a graph, from a step
+    that enabled gradients, is still detached).
     """
 
     higher_is_better = False
 
-    def __init__(self, name: str = "loss", fold_every: int = 256) -> None:
+    def __init__(self, name: str = "loss", fold_every: int = 256, *, no_grad: bool = False) -> None:
         self.name = name
         self.fold_every = fold_every
+        self.no_grad = no_grad
         self.reset()
 
     def reset(self) -> None:
@@ -392,7 +395,7 @@ class LossTracker:
         try:
             # .data: the value without its graph, as detach() gives it, in 300 instead of 500 ns
             # (and without detach's version counter, which a kept loss value does not need).
-            losses.append(loss.data)
+            losses.append(loss if self.no_grad and not loss.requires_grad else loss.data)
         except AttributeError:  # not a tensor; the try costs nothing on the normal path
             _check_loss(loss)
             raise

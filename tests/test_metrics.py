@@ -660,3 +660,20 @@ def test_merged_states_of_shares_equal_the_metric_on_the_whole_data(make):
     )
     assert float(merged.compute()) == pytest.approx(float(whole.compute()), rel=1e-6)
     assert float(shares[0].compute()) != pytest.approx(float(whole.compute()), rel=1e-6)  # a share is not
+
+
+def test_a_no_grad_loss_tracker_keeps_graphless_losses_as_they_are_and_detaches_the_others():
+    tracker = corolux.metrics.LossTracker(no_grad=True)
+    with torch.no_grad():
+        plain = torch.tensor(2.0) * 1
+    w = torch.ones((), requires_grad=True)
+    graphed = w * 4.0  # a custom validation step that enabled gradients
+    tracker.update(plain, 2)
+    tracker.update(graphed, 2)
+    kept = tracker.state_dict()["losses"]
+    assert kept[0] is plain
+    assert kept[1] is not graphed and kept[1].grad_fn is None and not kept[1].requires_grad
+    assert tracker.compute() == 3.0
+    training = corolux.metrics.LossTracker()  # the default detaches every loss
+    training.update(plain, 2)
+    assert training.state_dict()["losses"][0] is not plain

@@ -48,7 +48,7 @@ class MetricsTracker(Callback):
     # -- phases -------------------------------------------------------------------------------
 
     def _begin(self, ctx: Context, metrics: list[Any]) -> None:
-        self._loss = LossTracker()
+        self._loss = LossTracker(no_grad=not ctx.training)  # validation runs under no_grad
         self._losses = {"loss": self._loss}
         self._phase_metrics = metrics
         for metric in metrics:
