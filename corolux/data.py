@@ -215,6 +215,10 @@ class TensorBatches:
                 x, y = tensors
                 for start in range(first, size, step):
                     yield x[start : start + step], y[start : start + step]
+            elif len(tensors) == 1:  # inputs alone (predict)
+                (x,) = tensors
+                for start in range(first, size, step):
+                    yield (x[start : start + step],)
             else:
                 for start in range(first, size, step):
                     yield tuple([t[start : start + step] for t in tensors])
