@@ -53,6 +53,8 @@ class Context:
     #   _validation_skipped  skip_validation() was given this epoch (begin_epoch() clears it)
     #   _epoch_ended         end_epoch() ran: the epoch's values are floats (begin_epoch() clears it)
     #   _params              per optimizer, the parameters its backward reaches (several only)
+    #   _scaler              precision.scaler, which a Precision fixes when it is built: backward()
+    #                        and step_optimizer() read it every batch without touching the Precision
     __slots__ = (
         "model",
         "optimizers",
@@ -105,6 +107,7 @@ class Context:
         "_validation_skipped",
         "_epoch_ended",
         "_params",
+        "_scaler",
         "__dict__",
         "__weakref__",
     )
@@ -134,6 +137,7 @@ class Context:
         self.device = device
         #: Autocast, loss scaling, unscaling and stepping (``"32"``, ``"bf16-mixed"``, ``"16-mixed"``).
         self.precision = precision if precision is not None else Precision("32", device)
+        self._scaler = self.precision.scaler
         self.hparams: dict[str, Any] = dict(hparams or {})
         self.is_main_process = is_main_process
         #: What this run does: ``"fit"``, ``"evaluate"`` or ``"predict"``.
@@ -207,7 +211,7 @@ class Context:
     @property
     def scaler(self) -> torch.amp.GradScaler | None:
         """The GradScaler of ``"16-mixed"``, else None (owned by ``ctx.precision``)."""
-        return self.precision.scaler
+        return self._scaler
 
     @property
     def in_batch(self) -> bool:
@@ -339,7 +343,7 @@ class Context:
         try:
             if self.accumulate_steps != 1:
                 scaled = scaled / self._window_size()
-            if self.precision.scaler is not None:
+            if self._scaler is not None:
                 scaled = self.precision.scale(scaled)
             if self._params:
                 # Several optimizers: this loss's gradients go to this optimizer's parameters only.
@@ -396,11 +400,10 @@ class Context:
                 "updates the parameters by hand does so between on_train_batch_before_step and "
                 "on_train_batch_after_step, without step_optimizer()"
             )
-        precision = self.precision
-        if precision.scaler is None:
+        if self._scaler is None:
             opt.step()  # what Precision.step does without a GradScaler, without the call
         else:
-            precision.step(opt)
+            self.precision.step(opt)
         opt.zero_grad(set_to_none=True)
 
     def zero_grad(self) -> None:

@@ -28,6 +28,9 @@ class Precision:
     (``ctx.unscale_gradients()``, for callbacks that clip or read gradients), :meth:`step`
     (``ctx.step_optimizer``) and :meth:`update` (the loop, once per batch).
 
+    ``autocast`` and ``scaler`` are set when it is built and never change (a ``Context`` keeps
+    the scaler it reads every batch).
+
     Invariant: between two :meth:`update` calls each optimizer is unscaled at most once
     (``_unscaled`` holds those already unscaled, so :meth:`unscale` is idempotent) and
     stepped at most once; ``_stepped`` is true when a step awaits the scaler's update.
