@@ -199,7 +199,8 @@ class Context:
         self._backward_iter = 0
         self._validation_skipped = False
         self._epoch_ended = False
-        self._params: dict[int, list[torch.Tensor]] = {}
+        # None with one optimizer: backward() tells by identity, without touching a dict.
+        self._params: dict[int, list[torch.Tensor]] | None = None
         if len(self.optimizers) > 1:
             self._params = {
                 id(opt): [p for group in opt.param_groups for p in group["params"] if p.requires_grad]
@@ -345,7 +346,7 @@ class Context:
                 scaled = scaled / self._window_size()
             if self._scaler is not None:
                 scaled = self.precision.scale(scaled)
-            if self._params:
+            if self._params is not None:
                 # Several optimizers: this loss's gradients go to this optimizer's parameters only.
                 opt = self.opt if opt is None else opt
                 params = self._params.get(id(opt))
