@@ -33,7 +33,7 @@ import dataclasses
 import functools
 import inspect
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -316,13 +316,13 @@ def fused_steps(
     return {phase: functools.partial(default, fused=fused) for phase, (_, default) in steps.items()}
 
 
-def check_listeners(options: CompileOptions | None, slots: Mapping[str, Any]) -> None:
+def check_listeners(options: CompileOptions | None, listeners: Callable[[str], Sequence[Any]]) -> None:
     """``compile="step"`` computes ``ctx.pred`` and ``ctx.loss`` in one call: refuse a run whose
-    callbacks listen between them (``slots``: the driver's, stage -> its ``owners``)."""
+    callbacks listen between them (``listeners``: the driver's, stage -> its callbacks)."""
     if options is None or not options.step:
         return
     for stage in _STEP_STAGES:
-        owners = slots[stage].owners
+        owners = listeners(stage)
         if owners:
             names = ", ".join(dict.fromkeys(getattr(o, "name", None) or type(o).__name__ for o in owners))
             raise ValueError(

@@ -39,6 +39,7 @@ from corolux.rewind import Failure, Rewind
 __all__ = ["Driver", "check_callbacks", "context_of"]
 
 _NEVER = float("inf")
+_BUILT_IN = frozenset(Stage)
 _ORDER = operator.itemgetter(0, 1)  # handlers run by (weight, position)
 Loop = Generator[Stage | str | Failure, None, None]
 #: Builds the run's loop generator, given the stages it may pass over.
@@ -193,8 +194,9 @@ class Driver:
         ctx.callbacks = [callbacks[i] for i in order]
         counting = any(isinstance(cb, CoroutineCallback) for cb in callbacks)
         self.counting = counting
-        # Keyed by the Stage members the loop yields (a str value finds the same slot).
-        self.slots: dict[str, _Slot] = {stage: _Slot(stage, ctx, counting) for stage in stages}
+        # Keyed by the Stage members the loop yields (a str value finds the same slot); a
+        # stage's slot is made when it is first needed (a run meets a few of its stages).
+        self.slots: dict[str, _Slot] = {}
         entries: dict[str, list[Entry]] = {}
         coroutines: list[tuple[_Coroutine, Any]] = []
         for position, (cb, found) in enumerate(zip(callbacks, handlers, strict=True)):
@@ -222,12 +224,25 @@ class Driver:
                 if id(handler) in seen:
                     items[i] = (weight, position, functools.partial(handler), cb)
                 seen.add(id(handler))
-            slot = self.slots[name]
+            slot = self._slot(name)
             slot.entries = tuple(items)
             slot.refresh()
         self._annotated: BaseException | None = None
         for co, first in coroutines:
             self._wait(co, first)
+
+    def _slot(self, stage: str) -> _Slot:
+        """The slot of ``stage`` (one of this run's stages), made at its first use."""
+        slot = self.slots.get(stage)
+        if slot is None:
+            member = Stage(stage) if stage in _BUILT_IN else stage  # events carry the Stage member
+            slot = self.slots[member] = _Slot(member, self.ctx, self.counting)
+        return slot
+
+    def listeners(self, stage: str) -> tuple[Any, ...]:
+        """The callbacks listening to ``stage`` now (class handlers and waiting coroutines)."""
+        slot = self.slots.get(stage)
+        return () if slot is None else slot.owners
 
     # -- the run -------------------------------------------------------------------------------
 
@@ -273,7 +288,8 @@ class Driver:
         modes = [(module, module.training) for module in ctx.model.modules()]
         pass_over: frozenset[str] = frozenset()
         if not consumer and not self.counting:
-            pass_over = frozenset(stage for stage, slot in slots.items() if not slot.watched)
+            watched = {stage for stage, slot in slots.items() if slot.watched}
+            pass_over = frozenset(stage for stage in self.stages if stage not in watched)
         stages: Iterable[str | Failure] = ()
         entered: AbstractContextManager[Any] | None = None
         try:
@@ -290,9 +306,11 @@ class Driver:
                     for stage in stages:
                         try:
                             slot = slots[stage]  # type: ignore[index]  # a Failure: KeyError
-                        except KeyError:
+                        except KeyError:  # a stage met for the first time, or not a stage
                             failure = self._failure(stage)  # or a ValueError for an unknown stage
-                            break
+                            if failure is not None:
+                                break
+                            slot = self._slot(stage)  # type: ignore[arg-type]
                         if slot.watched:
                             handlers, owners = slot.handlers, slot.owners
                             if slot.counting:  # a run with coroutines counts, for every()
@@ -328,7 +346,7 @@ class Driver:
                     if ctx.rewinder is not None:
                         ctx.rewinder.refuse("an on_exception handler failed while the error escaped")
                     if consumer:
-                        yield slots[Stage.on_exception].event
+                        yield self._slot(Stage.on_exception).event
                     break
             if escaping is not None:
                 raise escaping
@@ -366,11 +384,16 @@ class Driver:
         their first stage); nothing else ran, so there is nothing else to clean up."""
         self._close_coroutines()
 
-    def _failure(self, stage: Any) -> Failure:
-        """What the loop yielded that is not a stage: a rewindable run's :class:`Failure`,
-        returned; anything else is an unknown stage (raised)."""
+    def _failure(self, stage: Any) -> Failure | None:
+        """What the loop yielded that has no slot yet: None for one of this run's stages; a
+        rewindable run's :class:`Failure`, returned; anything else is an unknown stage (raised)."""
         if type(stage) is Failure:
             return stage
+        try:
+            if stage in self.stages:
+                return None
+        except TypeError:  # unhashable
+            pass
         raise ValueError(unknown_stage_message(stage, "the step's yields", self.stages)) from None
 
     # -- coroutines ----------------------------------------------------------------------------
@@ -435,7 +458,7 @@ class Driver:
                         f"coroutine {co.name} yielded {item!r} in {spec!r}; expected stage names or filters"
                     )
                 raise ValueError(unknown_stage_message(name, f"coroutine {co.name}", self.stages))
-            slot = self.slots[name]
+            slot = self._slot(name)
             if isinstance(item, Filter):
                 slot.filters.append((item.next_due(slot.count), co))
             else:

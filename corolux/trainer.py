@@ -425,7 +425,7 @@ class Trainer:
         if self.distributed is not None:
             defaults.append(distributed.AgreeOnStop())
         driver = Driver(ctx, self._callbacks(defaults, callbacks), self.all_stages)
-        compiling.check_listeners(self._compile, driver.slots)
+        compiling.check_listeners(self._compile, driver.listeners)
         self.history = ctx.history
         train, valid = self._steps["train"][0], self._steps["valid"][0]
         allowed = {"train": self._allowed("train"), "valid": self._allowed("valid")}
@@ -568,7 +568,7 @@ class Trainer:
         valid_metrics = self.valid_metrics if metrics is None else check_metrics(metrics, "metrics")
         defaults = [MetricsTracker((), valid_metrics), ProgressBar()]
         driver = Driver(ctx, self._callbacks(defaults, callbacks), self.all_stages)
-        compiling.check_listeners(self._compile, driver.slots)
+        compiling.check_listeners(self._compile, driver.listeners)
         step, allowed = self._steps["valid"][0], self._allowed("valid")
         return driver, lambda pass_over: loop.evaluate_loop(ctx, ctx.valid_data, step, allowed, pass_over)
 

@@ -738,3 +738,19 @@ def test_two_callbacks_sharing_one_handler_function_are_each_named_in_errors() -
     with pytest.raises(RuntimeError) as info:
         make_trainer().fit(data(), epochs=1, callbacks=[First(shared), Second(shared)])
     assert info.value.__notes__[0] == "in Second.on_epoch_end"
+
+
+def test_events_carry_the_stage_members_whether_waited_for_by_name_or_first_met_in_the_run() -> None:
+    seen: list[Any] = []
+
+    @corolux.coroutine
+    def by_name():  # type: ignore[no-untyped-def]
+        while True:
+            event = yield "on_train_batch_end"  # a plain str: its slot is made from it
+            seen.append(event.stage)
+
+    trainer = make_trainer()
+    stages = [event.stage for event in trainer.run(make_batches(2, 2), epochs=1, callbacks=[by_name()])]
+    assert seen and all(stage is corolux.Stage.on_train_batch_end for stage in seen)
+    assert stages[0] is corolux.Stage.on_fit_begin and stages[-1] is corolux.Stage.on_fit_end
+    assert all(type(stage) is corolux.Stage for stage in stages)
