@@ -643,14 +643,37 @@ def test_in_memory_batches_have_a_dataloaders_length_and_sizes():
 
 @pytest.mark.parametrize("count", [1, 2, 3])
 @pytest.mark.parametrize("shuffle", [False, True])
-def test_in_memory_batches_equal_a_dataloaders_for_one_two_or_three_tensors(count, shuffle):
-    x, y = iris(70)
-    tensors = (x, y, torch.arange(70.0))[:count]
+@pytest.mark.parametrize("batch_size", [16, 3])  # 5 batches; 50 (shuffled: gathered 32 at a time)
+def test_in_memory_batches_equal_a_dataloaders_for_one_two_or_three_tensors(count, shuffle, batch_size):
+    x, y = iris(150)
+    tensors = (x, y, torch.arange(150.0))[:count]
     torch.manual_seed(5)
-    ours = [tuple(batch) for batch in TensorBatches(tensors, None, batch_size=16, shuffle=shuffle)]
+    ours = [tuple(batch) for batch in TensorBatches(tensors, None, batch_size=batch_size, shuffle=shuffle)]
     torch.manual_seed(5)
-    theirs = [tuple(batch) for batch in DataLoader(TensorDataset(*tensors), batch_size=16, shuffle=shuffle)]
-    assert len(ours) == len(theirs) == 5
+    loader = DataLoader(TensorDataset(*tensors), batch_size=batch_size, shuffle=shuffle)
+    theirs = [tuple(batch) for batch in loader]
+    assert len(ours) == len(theirs) == -(-150 // batch_size)
     for a, b in zip(ours, theirs, strict=True):
         assert type(a) is tuple and len(a) == count
         assert all(torch.equal(s, t) for s, t in zip(a, b, strict=True))
+
+
+def test_a_pass_resumed_after_some_batches_gives_the_rest_of_the_same_shuffled_order():
+    x, y = iris(150)
+    torch.manual_seed(2)
+    whole = list(TensorBatches((x, y), None, batch_size=3, shuffle=True))
+    torch.manual_seed(2)
+    rest = list(TensorBatches((x, y), None, batch_size=3, shuffle=True).iter_from(37))  # mid-chunk
+    assert len(rest) == len(whole) - 37
+    for (a, b), (c, d) in zip(rest, whole[37:], strict=True):
+        assert torch.equal(a, c) and torch.equal(b, d)
+
+
+def test_shuffled_batches_share_one_gather_only_while_it_stays_small():
+    def storages(row_features: int) -> set[int]:
+        x = torch.randn(64, row_features)
+        batches = list(TensorBatches((x, torch.arange(64)), None, batch_size=8, shuffle=True))  # all alive
+        return {b[0].untyped_storage().data_ptr() for b in batches}
+
+    assert len(storages(4)) == 1  # 8 batches of 8 small rows: one gather
+    assert len(storages(1 << 15)) == 8  # 8 rows of 128 KiB make 1 MiB: a gather per batch
