@@ -217,16 +217,19 @@ class TensorBatches:
                 else:
                     yield self._gather(rows[start : start + step])
             return
-        if rows is None:  # unshuffled plain tensors: slices, views of them
-            yield from _slices(tensors, first, size, step)
+        # 32 batches at a time (each torch op costs microseconds of dispatch, more among a real
+        # step's ops than a small batch's copy does): unshuffled plain tensors are sliced into
+        # views of them; shuffled rows (or a Subset's) are gathered, one index_select per tensor
+        # for up to 32 batches (about 1 MiB at most), then split into views of the gather.
+        if rows is None:
+            span = step * 32
+            for begin in range(first, size, span):
+                yield from _split([t[begin : begin + span] for t in tensors], step)
             return
-        # Shuffled (or a Subset's rows): gathered a chunk of batches at a time, then sliced: one
-        # index_select per tensor for up to 32 batches instead of one per batch (each torch op
-        # costs microseconds of dispatch, more among a real step's ops than its copy does).
         span = step * self._chunk_batches
         for begin in range(first, size, span):
             chunk = rows[begin : begin + span]
-            yield from _slices(tuple([t.index_select(0, chunk) for t in tensors]), 0, len(chunk), step)
+            yield from _split([t.index_select(0, chunk) for t in tensors], step)
 
     def _share(self, rows: torch.Tensor | None) -> torch.Tensor:
         """This rank's rows (of the Subset's ``rows`` when there are some)."""
@@ -298,21 +301,10 @@ class BatchAt:
 _CHUNK_BYTES = 1 << 20  # what one gather of shuffled batches copies at most (unless one batch is more)
 
 
-def _slices(
-    tensors: tuple[torch.Tensor, ...], start: int, stop: int, step: int
-) -> Iterator[tuple[torch.Tensor, ...]]:
-    """Batches of ``step`` rows of ``tensors``, from row ``start`` to ``stop``: views."""
-    if len(tensors) == 2:  # (inputs, targets), the commonest: written out (no call per batch)
-        x, y = tensors
-        for i in range(start, stop, step):
-            yield x[i : i + step], y[i : i + step]
-    elif len(tensors) == 1:  # inputs alone (predict)
-        (x,) = tensors
-        for i in range(start, stop, step):
-            yield (x[i : i + step],)
-    else:
-        for i in range(start, stop, step):
-            yield tuple([t[i : i + step] for t in tensors])
+def _split(pieces: list[torch.Tensor], step: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    """The batches of ``step`` rows of ``pieces`` (one per tensor, the same rows): views made by
+    one ``split`` per tensor, so that a batch costs a tuple and no torch op."""
+    return zip(*[piece.split(step) for piece in pieces], strict=True)
 
 
 def _pinned(shape: tuple[int, ...] | torch.Size, like: torch.Tensor) -> torch.Tensor:
