@@ -222,7 +222,7 @@ class TensorBatches:
         # views of them; shuffled rows (or a Subset's) are gathered, one index_select per tensor
         # for up to 32 batches (about 1 MiB at most), then split into views of the gather.
         if rows is None:
-            span = step * 32
+            span = step * _CHUNK_BATCHES
             for begin in range(first, size, span):
                 yield from _split([t[begin : begin + span] for t in tensors], step)
             return
@@ -240,7 +240,7 @@ class TensorBatches:
     def _chunk_batches(self) -> int:
         """How many shuffled batches one gather makes: up to 32, within about 1 MiB."""
         row_bytes = sum(t.element_size() * t[0].numel() for t in self.tensors if len(t))
-        return max(1, min(32, _CHUNK_BYTES // max(1, row_bytes * self.batch_size)))
+        return max(1, min(_CHUNK_BATCHES, _CHUNK_BYTES // max(1, row_bytes * self.batch_size)))
 
     def _slice(self, start: int, stop: int) -> tuple[torch.Tensor, ...]:
         """Rows ``start:stop`` copied into pinned memory (``pin``)."""
@@ -298,6 +298,7 @@ class BatchAt:
         return f"BatchAt(batch {self.index}/{total})"
 
 
+_CHUNK_BATCHES = 32  # batches made at a time (sliced, or gathered then split)
 _CHUNK_BYTES = 1 << 20  # what one gather of shuffled batches copies at most (unless one batch is more)
 
 
