@@ -141,10 +141,10 @@ class TensorBatches:
     shuffle=shuffle)`` draws, in the same order: its iterator's base seed at ``iter()``, and,
     when shuffled, its sampler's seed at the first batch, then one ``randperm`` from a
     generator seeded with it. So a run is bit-identical to the textbook ``DataLoader`` loop
-    from the same seed. Shuffled batches are gathered with ``index_select``, up to 32 batches
-    (about 1 MiB) in one copy that each batch is a view of; unshuffled batches of plain tensors
-    are slices, views of your tensors (change ``ctx.input`` out of place). The last partial
-    batch is kept. Tensors already on the device are batched there; with ``pin``, CPU tensors
+    from the same seed. Shuffled batches are gathered with ``index_select``, up to 512 batches
+    (about 1 MiB at most) in one copy that each batch is a view of; unshuffled batches of plain
+    tensors are slices, views of your tensors (change ``ctx.input`` out of place). The last
+    partial batch is kept. Tensors already on the device are batched there; with ``pin``, CPU tensors
     are gathered into pinned memory, a block per batch, for the loop's non-blocking copy to
     the GPU.
 
@@ -217,10 +217,10 @@ class TensorBatches:
                 else:
                     yield self._gather(rows[start : start + step])
             return
-        # 32 batches at a time (each torch op costs microseconds of dispatch, more among a real
-        # step's ops than a small batch's copy does): unshuffled plain tensors are sliced into
-        # views of them; shuffled rows (or a Subset's) are gathered, one index_select per tensor
-        # for up to 32 batches (about 1 MiB at most), then split into views of the gather.
+        # Up to 512 batches at a time (each torch op costs microseconds of dispatch, more among a
+        # real step's ops than a small batch's copy does): unshuffled plain tensors are sliced
+        # into views of them; shuffled rows (or a Subset's) are gathered, one index_select per
+        # tensor for up to 512 batches (about 1 MiB at most), then split into views of the gather.
         if rows is None:
             span = step * _CHUNK_BATCHES
             for begin in range(first, size, span):
@@ -238,7 +238,7 @@ class TensorBatches:
 
     @property
     def _chunk_batches(self) -> int:
-        """How many shuffled batches one gather makes: up to 32, within about 1 MiB."""
+        """How many shuffled batches one gather makes: up to 512, within about 1 MiB."""
         row_bytes = sum(t.element_size() * t[0].numel() for t in self.tensors if len(t))
         return max(1, min(_CHUNK_BATCHES, _CHUNK_BYTES // max(1, row_bytes * self.batch_size)))
 
@@ -298,7 +298,11 @@ class BatchAt:
         return f"BatchAt(batch {self.index}/{total})"
 
 
-_CHUNK_BATCHES = 32  # batches made at a time (sliced, or gathered then split)
+# Against 32 batches at a time, on benchmarks/overhead.py's workloads (shuffled): the MLP's
+# batches (8.5 KiB each, 120 to a gather) -1.5 us/step, the Linear's (320 B, 512 to a gather)
+# -3.0. A larger gather (4 MiB: 481 MLP batches) gained nothing more on the MLP (+0.0 [-1.1, +1.5]).
+# The byte cap bounds the copy that a pass holds besides your tensors.
+_CHUNK_BATCHES = 512  # batches made at a time (sliced, or gathered then split)
 _CHUNK_BYTES = 1 << 20  # what one gather of shuffled batches copies at most (unless one batch is more)
 
 

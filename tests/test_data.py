@@ -8,6 +8,7 @@ from realdata import iris
 from torch.utils.data import DataLoader, Dataset, TensorDataset, random_split
 
 import corolux
+import corolux.data
 from corolux.data import TensorBatches
 
 F = torch.nn.functional
@@ -641,10 +642,21 @@ def test_in_memory_batches_have_a_dataloaders_length_and_sizes():
         assert [len(b[0]) for b in batches] == [len(b[0]) for b in loader]
 
 
+@pytest.fixture(params=[None, 7], ids=["chunks", "chunks-of-7"])
+def chunk_batches(request, monkeypatch):
+    """The batches TensorBatches makes at a time: its own (more than these tests' passes have),
+    or 7, so that a pass crosses chunk boundaries and ends with a partial chunk."""
+    if request.param is not None:
+        monkeypatch.setattr(corolux.data, "_CHUNK_BATCHES", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("count", [1, 2, 3])
 @pytest.mark.parametrize("shuffle", [False, True])
-@pytest.mark.parametrize("batch_size", [16, 3])  # 5 batches; 50 (shuffled: gathered 32 at a time)
-def test_in_memory_batches_equal_a_dataloaders_for_one_two_or_three_tensors(count, shuffle, batch_size):
+@pytest.mark.parametrize("batch_size", [16, 3])  # 5 batches; 50
+def test_in_memory_batches_equal_a_dataloaders_for_one_two_or_three_tensors(
+    count, shuffle, batch_size, chunk_batches
+):
     x, y = iris(150)
     tensors = (x, y, torch.arange(150.0))[:count]
     torch.manual_seed(5)
@@ -658,7 +670,7 @@ def test_in_memory_batches_equal_a_dataloaders_for_one_two_or_three_tensors(coun
         assert all(torch.equal(s, t) for s, t in zip(a, b, strict=True))
 
 
-def test_a_pass_resumed_after_some_batches_gives_the_rest_of_the_same_shuffled_order():
+def test_a_pass_resumed_after_some_batches_gives_the_rest_of_the_same_shuffled_order(chunk_batches):
     x, y = iris(150)
     torch.manual_seed(2)
     whole = list(TensorBatches((x, y), None, batch_size=3, shuffle=True))
