@@ -420,7 +420,8 @@ def _phase(
                         # object by then: about 1 us a step among a real model's torch ops).
                         x = ctx.input
                         if plain and type(x) is _Tensor:
-                            ctx.pred = pred = ctx.model(x)
+                            model = ctx.model  # read, then called: `ctx.model(x)` is a method call
+                            ctx.pred = pred = model(x)  # that CPython 3.11 cannot specialize
                         else:
                             ctx.pred = pred = forward(ctx)
                         ctx.stage = after_pred
