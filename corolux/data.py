@@ -144,9 +144,9 @@ class TensorBatches:
     from the same seed. Shuffled batches are gathered with ``index_select``, up to 512 batches
     (about 1 MiB at most) in one copy that each batch is a view of; unshuffled batches of plain
     tensors are slices, views of your tensors (change ``ctx.input`` out of place). The last
-    partial batch is kept. Tensors already on the device are batched there; with ``pin``, CPU tensors
-    are gathered into pinned memory, a block per batch, for the loop's non-blocking copy to
-    the GPU.
+    partial batch is kept. Tensors already on the device are batched there; with ``pin``, CPU
+    tensors are gathered into pinned memory, a block per batch, for the loop's non-blocking
+    copy to the GPU.
 
     Example:
         >>> import torch

@@ -420,8 +420,10 @@ def _phase(
                         # object by then: about 1 us a step among a real model's torch ops).
                         x = ctx.input
                         if plain and type(x) is _Tensor:
-                            model = ctx.model  # read, then called: `ctx.model(x)` is a method call
-                            ctx.pred = pred = model(x)  # that CPython 3.11 cannot specialize
+                            # Read, then called: `ctx.model(x)` would be a method call that
+                            # CPython 3.11 cannot specialize (the model is an attribute).
+                            model = ctx.model
+                            ctx.pred = pred = model(x)
                         else:
                             ctx.pred = pred = forward(ctx)
                         ctx.stage = after_pred
