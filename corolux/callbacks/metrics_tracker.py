@@ -31,6 +31,20 @@ class MetricsTracker(Callback):
     #: Under DDP each rank's accumulators hold its share: checkpoints keep them per rank.
     per_rank_state = True
 
+    # Slots: the handlers read them every batch. (The driver reads each callback's __dict__
+    # once per run, to find handlers set on the instance; CPython 3.11 then looks the
+    # instance's own attributes up without its specialized path.)
+    __slots__ = (
+        "train_metrics",
+        "valid_metrics",
+        "_loss",
+        "_losses",
+        "_phase_metrics",
+        "_resumed",
+        "_training",
+        "_warned",
+    )
+
     def __init__(
         self,
         train_metrics: Sequence[Any] = (),
@@ -142,14 +156,18 @@ class MetricsTracker(Callback):
                 if tracker is None:
                     tracker = losses[key] = LossTracker(key)
                 tracker.update(loss, size)
-        elif ctx.loss is not None:
-            self._loss.update(ctx.loss, size)
-        for metric in self._phase_metrics:
-            try:
-                metric.update(ctx.pred, target)
-            except Exception as exc:  # free on the normal path
-                exc.add_note(f"in metric {metric_name(metric)!r}.update, {_where(ctx)}")
-                raise
+        else:
+            loss = ctx.loss
+            if loss is not None:
+                self._loss.update(loss, size)
+        metrics = self._phase_metrics
+        if metrics:  # (no iterator made for the empty list: the default, loss only)
+            for metric in metrics:
+                try:
+                    metric.update(ctx.pred, target)
+                except Exception as exc:  # free on the normal path
+                    exc.add_note(f"in metric {metric_name(metric)!r}.update, {_where(ctx)}")
+                    raise
 
     def _end(self, ctx: Context, phase: str) -> None:
         if is_distributed():
