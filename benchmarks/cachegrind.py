@@ -19,8 +19,8 @@ level, its per-core L2 (512 KiB, 8 ways): a last-level miss is a trip to the sha
 ``--functions N`` lists the N C functions whose counts differ most from the first row.
 
 What it says and what it does not: the counts are exact for the simulated caches, not
-microseconds. On the MLP, corolux's step adds about 26,000 instructions to the hand loop's
-950,000, and about 800 misses of each first-level cache and 740 of the last level; many of
+microseconds. On the MLP, corolux's step adds about 22,000 instructions to the hand loop's
+966,000, about 600 misses of each first-level cache and 430 of the last level; some of
 those last-level misses fall in torch's own code and kernels, which corolux's Python and
 objects push out of the cache (see benchmarks/README.md, "Issue 14, third session"). A
 change that cuts instructions but not misses may not show in time. The helper thread of the
