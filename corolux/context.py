@@ -53,8 +53,8 @@ class Context:
     #   _validation_skipped  skip_validation() was given this epoch (begin_epoch() clears it)
     #   _epoch_ended         end_epoch() ran: the epoch's values are floats (begin_epoch() clears it)
     #   _params              per optimizer, the parameters its backward reaches (several only)
-    #   _scaler              precision.scaler, which a Precision fixes when it is built: backward()
-    #                        and step_optimizer() read it every batch without touching the Precision
+    #   _scaler              precision.scaler, which a Precision fixes when it is built: backward(),
+    #                        step_optimizer() and end_batch() read it without touching the Precision
     __slots__ = (
         "model",
         "optimizers",
@@ -466,7 +466,7 @@ class Context:
         when there is a GradScaler (``ctx.precision.scaler``)."""
         if self.skipped and self._backward_iter == self.iter:
             self.zero_grad()  # this batch's gradients must not reach the next step
-        if self.precision.scaler is not None:
+        if self._scaler is not None:
             self.precision.update()
 
     def counters(self) -> tuple[Any, ...]:
