@@ -8,8 +8,12 @@ Every stage goes through that one path: the loop's ordinary stages, the stages c
 emit and ``on_interrupt`` (the loop yields those too) and ``on_exception`` (the driver's
 own). Class handlers are sorted once per run; a coroutine is merged in among them when it
 starts waiting for a stage (the stage it waits for changes as it runs), and at delivery
-when a filter of it is due. A stage nobody listens to costs one dict look-up; in a run
-without a consumer (``fit()``) the loop passes over the batch stages nobody listens to.
+when a filter of it is due. A stage nobody listens to costs one dict look-up. In a run
+without a consumer and without coroutines (``fit()``), whose handlers are therefore fixed,
+the loop passes over the batch stages nobody listens to, and calls the handlers of the
+``*_batch_end`` stages itself, with the driver's order and its error handling
+(``corolux.loop.Routing``): the one exception to the one path, for the one stage that every
+batch of every ``fit()`` delivers.
 
 A rewindable run (``corolux.rewind``) adds two cold paths: the loop may yield a ``Failure``
 (an error of a training batch's step), which the driver raises as if it had escaped, and
@@ -33,7 +37,8 @@ from corolux._suggest import unknown_stage_message
 from corolux.callback import CoroutineCallback, handlers_of, weight_of
 from corolux.context import Context
 from corolux.control import ControlSignal
-from corolux.events import Event, Filter, Stage
+from corolux.events import BATCH_ENDS, Event, Filter, Stage
+from corolux.loop import YIELD_ALL, Routing
 from corolux.rewind import Failure, Rewind
 
 __all__ = ["Driver", "check_callbacks", "context_of"]
@@ -42,8 +47,8 @@ _NEVER = float("inf")
 _BUILT_IN = frozenset(Stage)
 _ORDER = operator.itemgetter(0, 1)  # handlers run by (weight, position)
 Loop = Generator[Stage | str | Failure, None, None]
-#: Builds the run's loop generator, given the stages it may pass over.
-MakeLoop = Callable[[frozenset[str]], Loop]
+#: Builds the run's loop generator, given what it may do instead of yielding a stage.
+MakeLoop = Callable[[Routing], Loop]
 Entry = tuple[float, int, Callable[[Context], Any], Any]  # (weight, position, handler, owner)
 
 
@@ -286,10 +291,18 @@ class Driver:
         escaping: BaseException | None = None
         # The loop switches train/eval mode; the run restores each submodule's own mode.
         modes = [(module, module.training) for module in ctx.model.modules()]
-        pass_over: frozenset[str] = frozenset()
-        if not consumer and not self.counting:
+        routing = YIELD_ALL
+        if not consumer and not self.counting:  # a stage's handlers are fixed for the run
             watched = {stage for stage, slot in slots.items() if slot.watched}
-            pass_over = frozenset(stage for stage in self.stages if stage not in watched)
+            routing = Routing(
+                pass_over=frozenset(stage for stage in self.stages if stage not in watched),
+                in_place={
+                    stage: slot.handlers
+                    for stage, slot in slots.items()
+                    if stage in BATCH_ENDS and slot.handlers
+                },
+                failed=self._failed_in_place,
+            )
         stages: Iterable[str | Failure] = ()
         entered: AbstractContextManager[Any] | None = None
         try:
@@ -300,7 +313,7 @@ class Driver:
                             scope.__enter__()
                             entered = scope
                         self._call_each("setup")
-                        stages = loop = make_loop(pass_over)
+                        stages = loop = make_loop(routing)
                     # The one delivery path, written out because it is the hot path: every
                     # stage the loop yields goes through here, and on_exception after it.
                     for stage in stages:
@@ -490,6 +503,12 @@ class Driver:
             raise exc
         else:
             raise exc
+
+    def _failed_in_place(self, exc: BaseException, stage: str, handler: Callable[[Context], Any]) -> None:
+        """``_failed`` for a handler that the loop called itself (``Routing.in_place``)."""
+        __tracebackhide__ = True
+        slot = self.slots[stage]
+        self._failed(exc, slot.owners[slot.handlers.index(handler)], stage)
 
     def _apply(self, signal: ControlSignal, owner: Any, stage: str) -> None:
         try:

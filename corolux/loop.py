@@ -16,6 +16,17 @@ optimizer), the loop runs that step's body itself, without the step's generator:
 calls in the same order, ``ctx.stage`` and the signals as at its stages (``_flat``;
 ``tests/test_flat_steps.py`` holds the two paths to the same results).
 
+*Delivering in place*: in a run without a consumer and without coroutines a stage's handlers
+are fixed from its start to its end, so the driver gives the loop those of the
+``*_batch_end`` stages (``Routing.in_place``; the MetricsTracker listens there in every run).
+The loop calls them itself, in the driver's order, instead of yielding the stage: a batch of
+``fit()`` with the default callbacks then yields nothing. An exception of such a handler goes
+to the driver's ``Routing.failed``, which applies a control signal, turns Ctrl-C into a stop,
+or notes the callback and stage on an error and re-raises it; what it re-raises the loop
+yields as a ``Failure``, which the driver raises while the batch is still open, as when it
+calls the handlers itself (``tests/test_in_place_delivery.py`` holds both ways to the same
+runs).
+
 A consumer's ``close()`` arrives as ``GeneratorExit`` at a yield: nothing here catches it,
 so cleanup runs (``with`` blocks, ``finally``) and nothing more is yielded.
 
@@ -31,6 +42,7 @@ too. Without a rewinder none of this runs (the ``except`` clauses cost nothing u
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import time
 import warnings
@@ -62,12 +74,39 @@ __all__ = [
     "forward_and_loss",
     "predict_loop",
     "predict_step",
+    "Routing",
     "train_step",
     "valid_step",
 ]
 
 Step = Callable[[Context], Generator[Stage | str, None, None]]
-Loop = Generator[Stage | str | Failure, None, None]  # a Failure in a rewindable run only
+Loop = Generator[Stage | str | Failure, None, None]
+Handler = Callable[[Context], Any]
+
+
+def _reraise(exc: BaseException, stage: str, handler: Handler) -> None:
+    raise exc
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Routing:
+    """What the driver lets the loop do with its batch stages instead of yielding each one
+    (the module docstring: passing over, delivering in place). The default, for a run with
+    a consumer or with coroutines, yields them all.
+
+    Attributes:
+        pass_over: batch stages no handler listens to: recorded in ``ctx.stage``, not yielded.
+        in_place: ``*_batch_end`` stages with handlers, fixed for the run, mapped to them in
+            delivery order: the loop calls them itself.
+        failed: ``failed(exc, stage, handler)``, for an exception of an in-place handler.
+    """
+
+    pass_over: frozenset[str] = frozenset()
+    in_place: Mapping[str, tuple[Handler, ...]] = dataclasses.field(default_factory=dict)
+    failed: Callable[[BaseException, str, Handler], None] = _reraise
+
+
+YIELD_ALL = Routing()
 
 _Tensor = torch.Tensor
 
@@ -313,14 +352,14 @@ def _phase(
     data: Iterable[Any],
     step: Step,
     allowed: Collection[str] | None,
-    pass_over: Container[str],
+    routing: Routing,
     last: bool = False,
     resume: ResumePoint | None = None,
 ) -> Loop:
     """One pass over ``data``: ``on_<phase>_begin``, a step per batch between
     ``on_<phase>_batch_begin`` and ``_end``, then ``on_<phase>_end``.
 
-    ``allowed`` checks a custom step's stages (None for the built-in steps); ``pass_over``
+    ``allowed`` checks a custom step's stages (None for the built-in steps); ``routing``
     is described in the module docstring; ``last`` says ``on_<phase>_end`` is the run's
     last stage (evaluate, predict). ``resume`` continues a training pass that a checkpoint
     cut: ``ctx.iter`` starts at its batches done (so ``on_train_begin`` sees them) and the
@@ -345,8 +384,11 @@ def _phase(
     # the model reads it in its forward); the batch that steps reduces the window's sum.
     ddp = ctx.model if training and isinstance(ctx.model, DistributedDataParallel) else None
     after_pred, after_loss = _PRED_LOSS[phase]
+    pass_over = routing.pass_over
     yield_begin = batch_begin not in pass_over
     yield_end = batch_end not in pass_over
+    end_handlers = routing.in_place.get(batch_end)
+    failed = routing.failed
     exhausted = between = False
     # Validation and prediction run under one torch.no_grad() for the whole phase; its handlers
     # (and a consumer of run()) run inside it too (DESIGN section 8).
@@ -504,7 +546,17 @@ def _phase(
                     raise  # resumed otherwise (never by the driver): the error escapes, as without
                 try:
                     ctx.stage = batch_end
-                    if yield_end:
+                    if end_handlers is not None:
+                        try:
+                            for handler in end_handlers:
+                                try:
+                                    handler(ctx)
+                                except BaseException as exc:
+                                    failed(exc, batch_end, handler)  # a signal applied, or re-raised
+                        except BaseException as exc:
+                            yield Failure(exc)  # the driver raises it (never resumes here)
+                            raise
+                    elif yield_end:
                         yield batch_end
                     if signals.pending:
                         yield from _attend(ctx)
@@ -657,7 +709,7 @@ def fit_loop(
     train: Step,
     valid: Step,
     allowed: Mapping[str, Collection[str] | None],
-    pass_over: Container[str] = frozenset(),
+    routing: Routing = YIELD_ALL,
 ) -> Loop:
     """The whole training run: ``on_fit_begin``, the epochs, ``on_fit_end``.
 
@@ -682,7 +734,7 @@ def fit_loop(
                 yield from _at(ctx, Stage.on_epoch_begin)
                 if resumed is None or resumed.phase == "train":
                     yield from _phase(
-                        ctx, "train", ctx.train_data, train, allowed["train"], pass_over, resume=resumed
+                        ctx, "train", ctx.train_data, train, allowed["train"], routing, resume=resumed
                     )
                 else:  # the checkpoint was taken in validation: training is done, validation runs again
                     ctx.data_state = resumed.data_state
@@ -693,7 +745,7 @@ def fit_loop(
                         torch.set_rng_state(resumed.data_state["valid"])  # as the validation began
                     elif ctx.data_state is not None:
                         ctx.data_state["valid"] = torch.get_rng_state()  # a checkpoint in it runs it again
-                    yield from _phase(ctx, "valid", ctx.valid_data, valid, allowed["valid"], pass_over)
+                    yield from _phase(ctx, "valid", ctx.valid_data, valid, allowed["valid"], routing)
                     if signals.pending:
                         yield from _attend(ctx)
                 if ctx.stop_reason is None:
@@ -750,11 +802,11 @@ def evaluate_loop(
     data: Iterable[Any],
     valid: Step,
     allowed: Collection[str] | None,
-    pass_over: Container[str] = frozenset(),
+    routing: Routing = YIELD_ALL,
 ) -> Loop:
     """One validation pass: ``on_valid_begin`` .. ``on_valid_end``."""
     ctx.metrics = {}
-    return _phase(ctx, "valid", data, valid, allowed, pass_over, last=True)
+    return _phase(ctx, "valid", data, valid, allowed, routing, last=True)
 
 
 def predict_loop(
@@ -762,11 +814,11 @@ def predict_loop(
     data: Iterable[Any],
     predict: Step,
     allowed: Collection[str] | None,
-    pass_over: Container[str] = frozenset(),
+    routing: Routing = YIELD_ALL,
 ) -> Loop:
     """One prediction pass: ``on_predict_begin`` .. ``on_predict_end``; the outputs are
     concatenated into ``ctx.predictions`` before ``on_predict_end``."""
-    return _phase(ctx, "predict", data, predict, allowed, pass_over, last=True)
+    return _phase(ctx, "predict", data, predict, allowed, routing, last=True)
 
 
 def concat(outputs: list[Any]) -> Any:

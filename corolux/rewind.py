@@ -67,12 +67,13 @@ class Rewind(BaseException):  # noqa: N818 (a control signal, as GeneratorExit, 
 
 
 class Failure:
-    """What a rewindable run's loop yields instead of raising an error of a training batch:
-    the driver raises ``error`` as if it had escaped the loop, which waits in the batch."""
+    """What the loop yields instead of raising an error inside a batch (of a rewindable run's
+    training step, or of a handler it called in place, see ``corolux.loop``): the driver
+    raises ``error`` as if it had escaped the loop, which waits in the batch."""
 
     __slots__ = ("error",)
 
-    def __init__(self, error: Exception) -> None:
+    def __init__(self, error: BaseException) -> None:
         self.error = error
 
     def __repr__(self) -> str:

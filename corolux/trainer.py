@@ -429,7 +429,7 @@ class Trainer:
         self.history = ctx.history
         train, valid = self._steps["train"][0], self._steps["valid"][0]
         allowed = {"train": self._allowed("train"), "valid": self._allowed("valid")}
-        return driver, lambda pass_over: loop.fit_loop(ctx, train, valid, allowed, pass_over)
+        return driver, lambda routing: loop.fit_loop(ctx, train, valid, allowed, routing)
 
     def _shard(self) -> tuple[int, int] | None:
         """This process's share of the data under DDP: (rank, world size)."""
@@ -570,7 +570,7 @@ class Trainer:
         driver = Driver(ctx, self._callbacks(defaults, callbacks), self.all_stages)
         compiling.check_listeners(self._compile, driver.listeners)
         step, allowed = self._steps["valid"][0], self._allowed("valid")
-        return driver, lambda pass_over: loop.evaluate_loop(ctx, ctx.valid_data, step, allowed, pass_over)
+        return driver, lambda routing: loop.evaluate_loop(ctx, ctx.valid_data, step, allowed, routing)
 
     def _prepare_predict(
         self, data: Any, callbacks: Sequence[Any] | None, batch_size: int | None
@@ -583,7 +583,7 @@ class Trainer:
         driver = Driver(ctx, self._callbacks([ProgressBar()], callbacks), self.all_stages)
         step, allowed = self._steps["predict"][0], self._allowed("predict")
         data = ctx.data
-        return driver, lambda pass_over: loop.predict_loop(ctx, data, step, allowed, pass_over)
+        return driver, lambda routing: loop.predict_loop(ctx, data, step, allowed, routing)
 
     def _context(self, kind: str) -> Context:
         if self.seed is not None:
