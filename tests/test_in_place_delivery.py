@@ -12,12 +12,11 @@ from typing import Any
 import pytest
 import torch
 from realdata import digits
+from test_flat_steps import make_trainer  # the same model, optimizer and seed
 
 import corolux
 from corolux import loop
 from corolux.events import BATCH_ENDS
-
-F = torch.nn.functional
 
 #: Where the idle coroutine waits, per kind of run: a stage that comes once, at the end.
 LAST_STAGE = {"fit": "on_fit_end", "evaluate": "on_valid_end", "predict": "on_predict_end"}
@@ -70,22 +69,6 @@ class Recorder(corolux.Callback):
 
     def teardown(self, ctx: corolux.Context) -> None:
         self.seen.append((self.name, "teardown", ctx.in_batch, ctx.stop_reason))
-
-
-def make_trainer() -> corolux.Trainer:
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Dropout(0.2), torch.nn.Linear(32, 10)
-    )
-    return corolux.Trainer(
-        model,
-        loss_fn=F.cross_entropy,
-        optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
-        metrics=[corolux.metrics.Accuracy()],
-        device="cpu",
-        progress=False,
-        seed=1,
-    )
 
 
 def run(kind: str, yielded: bool, act: Any = None, epochs: int = 2) -> dict[str, Any]:
