@@ -13,7 +13,8 @@ without a consumer and without coroutines (``fit()``), whose handlers are theref
 the loop passes over the batch stages nobody listens to, and calls the handlers of the
 ``*_batch_end`` stages itself, with the driver's order and its error handling
 (``corolux.loop.Routing``): the one exception to the one path, for the one stage that every
-batch of every ``fit()`` delivers.
+batch of every ``fit()`` delivers. An error of such a handler comes back from the loop as a
+``Failure``, which the driver raises as if the handler had failed here.
 
 A rewindable run (``corolux.rewind``) adds two cold paths: the loop may yield a ``Failure``
 (an error of a training batch's step), which the driver raises as if it had escaped, and
@@ -339,8 +340,9 @@ class Driver:
                             yield slot.event
                     else:
                         break
-                    # A rewindable run's step failed inside a training batch: raised here, outside
-                    # the except above, as if it had escaped the loop, which waits in the batch.
+                    # A Failure: a rewindable run's step, or a handler the loop called in place,
+                    # failed inside a batch: raised here, outside the except above, as if it had
+                    # escaped the loop (or a handler here), while the loop waits in the batch.
                     raise failure.error
                 except Rewind as rewind:  # Stepper.rewind() threw it at the yield (corolux.rewind)
                     if loop is None or inspect.getgeneratorstate(loop) == inspect.GEN_CLOSED:
@@ -399,7 +401,7 @@ class Driver:
 
     def _failure(self, stage: Any) -> Failure | None:
         """What the loop yielded that has no slot yet: None for one of this run's stages; a
-        rewindable run's :class:`Failure`, returned; anything else is an unknown stage (raised)."""
+        :class:`Failure`, returned; anything else is an unknown stage (raised)."""
         if type(stage) is Failure:
             return stage
         try:
