@@ -267,7 +267,7 @@ class Driver:
         is entered before the callbacks' ``setup`` and exited after ``finished``, in every
         outcome (the compiled forward of ``Trainer(compile=...)``)."""
         gen = self.events(make_loop, consumer=consumer, finished=finished, scope=scope)
-        _CONTEXTS[gen] = self.ctx
+        _CONTEXTS[gen] = weakref.ref(self.ctx)
         return gen
 
     def events(
@@ -283,7 +283,8 @@ class Driver:
         ``consumer=False`` (``fit()``, ``evaluate()``, ``predict()``) runs the same delivery
         without suspending at each event: the whole run happens in the first ``next()``.
         With no consumer and no coroutine, the loop may pass over the stages no handler
-        listens to (see ``corolux.loop``): they would reach nobody.
+        listens to (they would reach nobody), and it calls the ``*_batch_end`` handlers
+        itself (``corolux.loop.Routing``).
         """
         __tracebackhide__ = True
         ctx = self.ctx
@@ -577,13 +578,19 @@ _METHOD = {
 }
 
 
-_CONTEXTS: weakref.WeakKeyDictionary[Generator[Event, None, None], Context] = weakref.WeakKeyDictionary()
+# Weak both ways: a run's ctx may reach its own generator (an escaped error's traceback holds
+# the generator's frames), so a strong value would keep the entry, and everything the ctx and
+# those frames hold (a DataLoader's workers), alive for the whole process.
+_CONTEXTS: weakref.WeakKeyDictionary[Generator[Event, None, None], weakref.ref[Context]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def context_of(events: Iterator[Event]) -> Context | None:
     """The context of a run generator made by ``Trainer.run()`` (and its siblings), known
     before its first event; None for any other iterator."""
     try:
-        return _CONTEXTS.get(events)  # type: ignore[call-overload]
+        ref = _CONTEXTS.get(events)  # type: ignore[call-overload]
     except TypeError:  # not weak-referenceable: not one of ours
         return None
+    return None if ref is None else ref()

@@ -45,6 +45,7 @@ import contextlib
 import dataclasses
 import functools
 import time
+import types
 import warnings
 from collections.abc import Callable, Collection, Container, Generator, Iterable, Iterator, Mapping
 from typing import Any
@@ -84,6 +85,9 @@ Loop = Generator[Stage | str | Failure, None, None]
 Handler = Callable[[Context], Any]
 
 
+_NO_HANDLERS: Mapping[str, tuple[Handler, ...]] = types.MappingProxyType({})
+
+
 def _reraise(exc: BaseException, stage: str, handler: Handler) -> None:
     raise exc
 
@@ -95,14 +99,15 @@ class Routing:
     a consumer or with coroutines, yields them all.
 
     Attributes:
-        pass_over: batch stages no handler listens to: recorded in ``ctx.stage``, not yielded.
+        pass_over: the stages no handler listens to; those of a batch are recorded in
+            ``ctx.stage`` and not yielded.
         in_place: ``*_batch_end`` stages with handlers, fixed for the run, mapped to them in
             delivery order: the loop calls them itself.
         failed: ``failed(exc, stage, handler)``, for an exception of an in-place handler.
     """
 
     pass_over: frozenset[str] = frozenset()
-    in_place: Mapping[str, tuple[Handler, ...]] = dataclasses.field(default_factory=dict)
+    in_place: Mapping[str, tuple[Handler, ...]] = dataclasses.field(default_factory=lambda: _NO_HANDLERS)
     failed: Callable[[BaseException, str, Handler], None] = _reraise
 
 
@@ -552,7 +557,7 @@ def _phase(
                                 try:
                                     handler(ctx)
                                 except BaseException as exc:
-                                    failed(exc, batch_end, handler)  # a signal applied, or re-raised
+                                    failed(exc, batch_end, handler)  # a signal or Ctrl-C taken, or re-raised
                         except BaseException as exc:
                             yield Failure(exc)  # the driver raises it (never resumes here)
                             raise

@@ -7,6 +7,8 @@ to the driver) must see and do the same, errors, control signals and Ctrl-C incl
 
 from __future__ import annotations
 
+import gc
+import weakref
 from typing import Any
 
 import pytest
@@ -223,3 +225,47 @@ def test_a_second_ctrl_c_in_a_batch_end_handler_aborts_as_from_the_driver():
     assert isinstance(in_place["error"], KeyboardInterrupt)
     assert not [entry for entry in in_place["seen"] if entry[1] in ("exception", "interrupt")]
     assert [entry[0] for entry in in_place["seen"] if entry[1] == "teardown"] == ["first", "middle", "late"]
+
+
+@pytest.mark.parametrize("stage", ["on_train_batch_end", "on_train_batch_after_loss"])
+def test_a_failed_run_keeps_neither_its_context_nor_its_data_iterator_alive(stage):
+    """The escaped error's traceback holds the loop's frames (the data iterator, the batch);
+    once the error and the trainer are dropped, all of it goes (a DataLoader's iterator owns
+    its worker processes)."""
+    x, y = digits()
+    batches = [(x[i : i + 32], y[i : i + 32]) for i in range(0, 256, 32)]
+    refs: list[Any] = []
+
+    class Batches:  # an iterable whose iterator can be watched
+        def __iter__(self):
+            iterator = _Iterator(iter(batches))
+            refs.append(weakref.ref(iterator))
+            return iterator
+
+    class Fail(corolux.Callback):
+        def setup(self, ctx):
+            refs.append(weakref.ref(ctx))
+
+        def fail(self, ctx):
+            if ctx.iter == 3:
+                raise ValueError("the handler failed")
+
+    setattr(Fail, stage, Fail.fail)
+    trainer = make_trainer()
+    with pytest.raises(ValueError, match="the handler failed"):
+        trainer.fit(Batches(), epochs=1, callbacks=[Fail()])
+    del trainer
+    gc.collect()
+    assert len(refs) == 2
+    assert [ref() for ref in refs] == [None, None]  # the run's ctx and its data iterator
+
+
+class _Iterator:
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __iter__(self) -> _Iterator:
+        return self
+
+    def __next__(self) -> Any:
+        return next(self.inner)

@@ -5,6 +5,7 @@ see, the refusals, rewinds from on_exception and on_interrupt, and a real `pytho
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import signal
@@ -556,6 +557,7 @@ def test_no_rewind_code_runs_without_rewindable():
             calls.append(frame.f_code.co_name)
 
     trainer = make_trainer()
+    gc.collect()  # an earlier test's rewinder, finalized now, is not this run's call
     sys.setprofile(profile)
     try:
         trainer.fit(loader(), epochs=1)
