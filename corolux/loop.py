@@ -85,9 +85,6 @@ Loop = Generator[Stage | str | Failure, None, None]
 Handler = Callable[[Context], Any]
 
 
-_NO_HANDLERS: Mapping[str, tuple[Handler, ...]] = types.MappingProxyType({})
-
-
 def _reraise(exc: BaseException, stage: str, handler: Handler) -> None:
     raise exc
 
@@ -95,7 +92,7 @@ def _reraise(exc: BaseException, stage: str, handler: Handler) -> None:
 @dataclasses.dataclass(frozen=True, slots=True)
 class Routing:
     """What the driver lets the loop do with its batch stages instead of yielding each one
-    (the module docstring: passing over, delivering in place). The default, for a run with
+    (the module docstring: passing over, delivering in place). ``YIELD_ALL``, for a run with
     a consumer or with coroutines, yields them all.
 
     Attributes:
@@ -106,12 +103,12 @@ class Routing:
         failed: ``failed(exc, stage, handler)``, for an exception of an in-place handler.
     """
 
-    pass_over: frozenset[str] = frozenset()
-    in_place: Mapping[str, tuple[Handler, ...]] = dataclasses.field(default_factory=lambda: _NO_HANDLERS)
-    failed: Callable[[BaseException, str, Handler], None] = _reraise
+    pass_over: frozenset[str]
+    in_place: Mapping[str, tuple[Handler, ...]]
+    failed: Callable[[BaseException, str, Handler], None]
 
 
-YIELD_ALL = Routing()
+YIELD_ALL = Routing(frozenset(), types.MappingProxyType({}), _reraise)
 
 _Tensor = torch.Tensor
 
